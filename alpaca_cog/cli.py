@@ -1,0 +1,67 @@
+"""Command lines derived from Cog-typed signatures, so each parameter is declared once (litgpt-style).
+
+`python predict.py --prompt ...` and `python train.py --train_data ...` accept exactly the inputs
+that Cog's server accepts, with the same defaults, choices and bounds.
+"""
+
+import argparse
+import inspect
+import pathlib
+import types
+import typing
+from typing import Any, Callable
+
+from cog.input import FieldInfo
+
+
+def _base_type(tpe: Any) -> tuple[Any, bool]:
+    """(T, optional) for T, Optional[T] or T | None."""
+    if typing.get_origin(tpe) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tpe) if a is not type(None)]
+        return args[0], True
+    return tpe, False
+
+
+def _fields(fn: Callable) -> list[tuple[str, Any, FieldInfo, bool]]:
+    hints = typing.get_type_hints(fn)
+    fields = []
+    for name, param in inspect.signature(fn).parameters.items():
+        if name == "self":
+            continue
+        tpe, optional = _base_type(hints[name])
+        default = param.default
+        info = default if isinstance(default, FieldInfo) else FieldInfo(default=None if default is inspect.Parameter.empty else default)
+        required = info.default is None and not optional
+        fields.append((name, tpe, info, required))
+    return fields
+
+
+def parser_for(fn: Callable, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or inspect.getdoc(fn))
+    for name, tpe, info, required in _fields(fn):
+        kwargs: dict[str, Any] = dict(default=info.default, help=info.description, required=required)
+        if tpe is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = pathlib.Path if issubclass(tpe, pathlib.Path) else tpe
+            kwargs["choices"] = info.choices
+        if kwargs["help"] and info.default is not None:
+            kwargs["help"] += " (default: %(default)s)"
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse argv and check the same bounds Cog's server checks; returns fn's keyword arguments only."""
+    args = vars(parser.parse_args(argv))
+    for name, _, info, _ in _fields(fn):
+        value = args[name]
+        if value is None:
+            continue
+        if info.ge is not None and value < info.ge:
+            parser.error(f"--{name}: {value} is less than the minimum of {info.ge}")
+        if info.le is not None and value > info.le:
+            parser.error(f"--{name}: {value} is greater than the maximum of {info.le}")
+        if info.min_length is not None and len(value) < info.min_length:
+            parser.error(f"--{name}: must not be empty")
+    return {name: args[name] for name, *_ in _fields(fn)}

@@ -1,0 +1,104 @@
+"""Text generation with streaming and cooperative stopping, on top of transformers' generate()."""
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+
+@dataclass
+class GenerationParams:
+    temperature: float = 0.1  # 0 means greedy
+    top_p: float = 0.75
+    top_k: int = 40
+    beams: int = 1
+    max_tokens: int = 128
+    seed: int | None = None
+
+
+class _StopFlag(StoppingCriteria):
+    """Lets the consumer stop generate() between tokens (cancelled or abandoned stream)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generate_kwargs(params: GenerationParams, tokenizer) -> dict:
+    sample = params.temperature > 0
+    kwargs = dict(
+        max_new_tokens=params.max_tokens,
+        num_beams=params.beams,
+        do_sample=sample,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    if sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    else:  # keep the model's generation_config from adding sampling knobs to greedy decoding
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream(model, tokenizer, prompt: str, params: GenerationParams, stats: dict | None = None) -> Iterator[str]:
+    """Yield the response text piece by piece (the prompt is never echoed).
+
+    Beam search cannot stream (the best beam is known only at the end), so with
+    beams > 1 the whole response comes as one piece. `stats` receives token counts.
+    """
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    prompt_len = inputs["input_ids"].shape[1]
+    stop = _StopFlag()
+    kwargs = dict(**inputs, **generate_kwargs(params, tokenizer), stopping_criteria=StoppingCriteriaList([stop]))
+    if stats is not None:
+        stats["input_tokens"] = prompt_len
+
+    if params.beams > 1:
+        with torch.inference_mode():
+            out = model.generate(**kwargs)
+        new_ids = _strip_eos(out[0, prompt_len:], tokenizer)
+        if stats is not None:
+            stats["output_tokens"] = len(new_ids)
+        yield tokenizer.decode(new_ids, skip_special_tokens=True)
+        return
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                result["ids"] = model.generate(**kwargs, streamer=streamer)
+        except BaseException as e:  # surface in the consumer, never lose it in the thread
+            result["error"] = e
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        for text in streamer:
+            if text:
+                yield text
+    finally:
+        stop.event.set()  # cancelled or closed early: let generate() return at the next token
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    if stats is not None:
+        stats["output_tokens"] = len(_strip_eos(result["ids"][0, prompt_len:], tokenizer))
+
+
+def _strip_eos(ids: torch.Tensor, tokenizer) -> list[int]:
+    ids = ids.tolist()
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def complete(model, tokenizer, prompt: str, params: GenerationParams) -> str:
+    return "".join(stream(model, tokenizer, prompt, params))

@@ -1,0 +1,83 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "weights"
+DATA = ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    if not (WEIGHTS / "config.json").exists():
+        pytest.fail("weights/ is empty: run `make weights` (make test does it for you)")
+    return WEIGHTS
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random LLaMA small enough to run a forward pass in milliseconds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, ready_timeout: float = 300):
+    """Cog's own HTTP server (coglet) on a free port, as Replicate runs the built image."""
+    subprocess.run([sys.executable, "-m", "alpaca_cog.cog_schema"], cwd=ROOT, check=True, capture_output=True)
+    port = _free_port()
+    server_env = {
+        **os.environ,
+        # The worker is started as plain `python`: the venv must come first on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PORT": str(port),
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "COG_TRAIN_TYPE_STUB": "train.py:train",
+        **(env or {}),
+    }
+    log = open(tmp_path / f"cog-server-{port}.log", "w")
+    args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"] + (["--x-mode", "train"] if train else [])
+    proc = subprocess.Popen(args, cwd=ROOT, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            assert proc.poll() is None, f"cog server exited: {(tmp_path / log.name).read_text()[-3000:]}"
+            try:
+                health = requests.get(f"{url}/health-check", timeout=5).json()
+                if health["status"] == "READY":
+                    break
+                assert health["status"] != "SETUP_FAILED", json.dumps(health)[-3000:]
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "cog server not ready in time"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
