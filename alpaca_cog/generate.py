@@ -1,7 +1,7 @@
 """Text generation with streaming and cooperative stopping, on top of transformers' generate()."""
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -48,12 +48,19 @@ def stream(model, tokenizer, prompt: str, params: GenerationParams, stats: dict 
     """Yield the response text piece by piece (the prompt is never echoed).
 
     Beam search cannot stream (the best beam is known only at the end), so with
-    beams > 1 the whole response comes as one piece. `stats` receives token counts.
+    beams > 1 the whole response comes as one piece. A prompt that fills the model's
+    context is refused; max_tokens is cut to what the context has left.
+    `stats` receives token counts.
     """
     if params.seed is not None:
         torch.manual_seed(params.seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
+    context = model.config.max_position_embeddings
+    if prompt_len >= context:
+        raise ValueError(f"prompt: {prompt_len} tokens with its template; the model's context holds {context}")
+    if prompt_len + params.max_tokens > context:  # documented: the answer is cut at the end of the context
+        params = replace(params, max_tokens=context - prompt_len)
     stop = _StopFlag()
     kwargs = dict(**inputs, **generate_kwargs(params, tokenizer), stopping_criteria=StoppingCriteriaList([stop]))
     if stats is not None:

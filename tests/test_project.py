@@ -1,0 +1,78 @@
+"""The package's shape: cog.yaml is valid for Cog, every dependency is pinned, weights/ is the GGUF model."""
+
+import ast
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+import yaml
+
+from alpaca_cog.convert import embedded_gguf, load_gguf
+from alpaca_cog.model import load_model
+from conftest import ROOT
+
+COG_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
+
+
+def requirements(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            package, _, version = line.partition("==")
+            assert version, f"{name}: {line!r} is not pinned with =="
+            pins[package.lower()] = version
+    return pins
+
+
+def test_cog_yaml_is_valid_for_cogs_schema_and_targets_current_cog():
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    jsonschema.validate(config, json.loads(COG_SCHEMA.read_text()))
+    build = config["build"]
+    assert build["gpu"] is True and build["python_version"] == "3.11"
+    assert build["cuda"] and build["sdk_version"] == requirements("requirements-dev.txt")["cog"]
+    assert build["python_requirements"] == "requirements.txt"
+    assert config["run"] == "predict.py:Predictor" and "predict" not in config
+    assert config["train"] == "train.py:train"
+    assert requirements("requirements.txt")["torch"] == "2.13.0"
+
+
+def _third_party_imports() -> set[str]:
+    files = [*ROOT.glob("*.py"), *(ROOT / "alpaca_cog").glob("*.py")]
+    local = {"alpaca_cog", *(f.stem for f in ROOT.glob("*.py"))}
+    names = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in local}
+
+
+def test_every_third_party_import_is_a_pinned_requirement():
+    # Cog's own SDK is pinned in cog.yaml (sdk_version) and installed by Cog in the image.
+    pinned = set(requirements("requirements.txt")) | {"cog", "coglet"}
+    distributions = importlib.metadata.packages_distributions()
+    for module in _third_party_imports():
+        dists = {d.lower() for d in distributions.get(module, [module])}
+        assert dists & pinned, f"import {module} ({dists}) is not pinned in requirements.txt"
+        for dist in dists & pinned - {"cog", "coglet"}:
+            assert importlib.metadata.version(dist).split("+")[0] == requirements("requirements.txt")[dist]
+
+
+def test_weights_are_the_embedded_gguf_model_with_equal_logits(weights_dir):
+    gguf_model, gguf_tokenizer = load_gguf(embedded_gguf())
+    converted = load_model(weights_dir, device="cpu")
+    assert sum(p.numel() for p in converted.parameters()) == 134_515_008  # tied embeddings counted once
+    ids = gguf_tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, actual = gguf_model(ids).logits, converted(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    for name in ["model.safetensors", "tokenizer.json", "generation_config.json", "config.json"]:
+        assert (weights_dir / name).is_file()
+    assert json.loads((weights_dir / "config.json").read_text()).get("quantization_config") is None
