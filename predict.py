@@ -8,7 +8,7 @@ from cog import BaseRunner, ConcatenateIterator, Input, streaming
 from alpaca_cog import archive
 from alpaca_cog.generate import GenerationParams, stream
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
-from alpaca_cog.prompts import TEMPLATE_NAMES, build_prompt
+from alpaca_cog.prompts import TEMPLATE_NAMES, encode_prompt
 
 BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")
 # Merging the adapter into the base weights decodes faster; ALPACA_COG_MERGE=0 keeps them apart.
@@ -47,7 +47,8 @@ class Predictor(BaseRunner):
         print(f"seed: {seed}")
         params = GenerationParams(temperature, top_p, top_k, beams, max_tokens, seed)
         stats: dict = {}
-        yield from stream(self.model, self.tokenizer, build_prompt(prompt_template, prompt, tokenizer=self.tokenizer), params, stats)
+        prompt_ids = encode_prompt(self.tokenizer, prompt_template, prompt)
+        yield from stream(self.model, self.tokenizer, prompt_ids, params, stats)
         for key, value in stats.items():
             self.record_metric(key, value)
 

@@ -1,11 +1,64 @@
-"""LoRA finetuning: not implemented yet (issue: train.py as a Cog training job)."""
+"""LoRA finetuning of the model in weights/ on Alpaca-format data.
 
-from cog import BaseModel, Path
+As a Cog training job (POST /trainings, what Replicate trainings call) and as a script:
+
+    python train.py --train_data data.json [--output_path training_output.tar]   # cog exec python train.py ...
+"""
+
+import os
+import sys
+
+from cog import BaseModel, Input, Path
+
+from alpaca_cog.finetune import Interrupted, finetune
+from alpaca_cog.model import Quantization
+from alpaca_cog.prompts import TEMPLATE_NAMES
+
+BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")
+CHECKPOINT_DIR = os.environ.get("ALPACA_COG_CHECKPOINTS", "checkpoints")
 
 
 class TrainingOutput(BaseModel):
     weights: Path
 
 
-def train(train_data: Path) -> TrainingOutput:
-    raise NotImplementedError("training is not implemented yet")
+def train(
+    train_data: Path = Input(description="Alpaca-format data: a JSON list or JSONL of {instruction, input, output} records."),
+    num_train_epochs: int = Input(description="Passes over the training data.", default=3, ge=1, le=100),
+    max_steps: int = Input(description="Stop after this many optimizer steps; -1 trains num_train_epochs.", default=-1, ge=-1),
+    learning_rate: float = Input(description="Peak AdamW learning rate.", default=3e-4, ge=1e-7, le=1.0),
+    batch_size: int = Input(description="Examples per optimizer step (gradient accumulation over micro-batches).", default=128, ge=1, le=4096),
+    micro_batch_size: int = Input(description="Examples per forward pass; lower it to save memory.", default=4, ge=1, le=512),
+    cutoff_len: int = Input(description="Tokens per example; longer ones are truncated.", default=256, ge=8, le=32768),
+    val_set_size: int = Input(description="Examples held out for validation loss.", default=2000, ge=0),
+    lora_r: int = Input(description="LoRA rank.", default=8, ge=1, le=1024),
+    lora_alpha: int = Input(description="LoRA scaling numerator (scale = alpha / r).", default=16, ge=1, le=4096),
+    lora_dropout: float = Input(description="Dropout on the LoRA path.", default=0.05, ge=0.0, le=0.9),
+    lora_target_modules: str = Input(description="Comma-separated module names that get LoRA adapters.", default="q_proj,v_proj"),
+    train_on_inputs: bool = Input(description="Also learn the prompt tokens (false: only the response).", default=True),
+    prompt_template: str = Input(description="Prompt template, as in predict.py.", default="alpaca", choices=TEMPLATE_NAMES),
+    quantization: str = Input(description="Load the base model in 8-bit or 4-bit (QLoRA) via bitsandbytes.", default="none", choices=["none", "8bit", "4bit"]),
+    seed: int = Input(description="Random seed for data order, split and initialisation.", default=42, ge=0),
+    resume_from: Path | None = Input(description="A checkpoint folder, or an earlier training output to continue from.", default=None),
+    checkpoint_steps: int = Input(description="Write a resumable checkpoint every this many steps; 0 never.", default=200, ge=0),
+    logging_steps: int = Input(description="Report training loss every this many steps.", default=10, ge=1),
+    eval_steps: int = Input(description="Report validation loss every this many steps.", default=200, ge=1),
+) -> TrainingOutput:
+    output = finetune(**locals(), base_weights=BASE_WEIGHTS, output_path=Path("training_output.tar"), checkpoint_dir=CHECKPOINT_DIR)
+    return TrainingOutput(weights=Path(output))
+
+
+if __name__ == "__main__":
+    from alpaca_cog.cli import parse_inputs, parser_for
+
+    parser = parser_for(train, __doc__.splitlines()[0])
+    parser.add_argument("--output_path", default="training_output.tar", help="where the weights archive goes")
+    inputs = parse_inputs(train, parser)
+    try:
+        output = finetune(**inputs, base_weights=BASE_WEIGHTS, output_path=parser.parse_args().output_path, checkpoint_dir=CHECKPOINT_DIR)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + e.signal)  # the shell's convention for "ended by signal N"
+    print(output)

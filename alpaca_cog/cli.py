@@ -22,7 +22,7 @@ def _base_type(tpe: Any) -> tuple[Any, bool]:
     return tpe, False
 
 
-def _fields(fn: Callable) -> list[tuple[str, Any, FieldInfo, bool]]:
+def input_fields(fn: Callable) -> list[tuple[str, Any, FieldInfo, bool]]:
     hints = typing.get_type_hints(fn)
     fields = []
     for name, param in inspect.signature(fn).parameters.items():
@@ -38,7 +38,7 @@ def _fields(fn: Callable) -> list[tuple[str, Any, FieldInfo, bool]]:
 
 def parser_for(fn: Callable, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or inspect.getdoc(fn))
-    for name, tpe, info, required in _fields(fn):
+    for name, tpe, info, required in input_fields(fn):
         kwargs: dict[str, Any] = dict(default=info.default, help=info.description, required=required)
         if tpe is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -54,7 +54,7 @@ def parser_for(fn: Callable, description: str | None = None) -> argparse.Argumen
 def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse argv and check the same bounds Cog's server checks; returns fn's keyword arguments only."""
     args = vars(parser.parse_args(argv))
-    for name, _, info, _ in _fields(fn):
+    for name, _, info, _ in input_fields(fn):
         value = args[name]
         if value is None:
             continue
@@ -64,4 +64,4 @@ def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] 
             parser.error(f"--{name}: {value} is greater than the maximum of {info.le}")
         if info.min_length is not None and len(value) < info.min_length:
             parser.error(f"--{name}: must not be empty")
-    return {name: args[name] for name, *_ in _fields(fn)}
+    return {name: args[name] for name, *_ in input_fields(fn)}

@@ -44,7 +44,7 @@ def generate_kwargs(params: GenerationParams, tokenizer) -> dict:
     return kwargs
 
 
-def stream(model, tokenizer, prompt: str, params: GenerationParams, stats: dict | None = None) -> Iterator[str]:
+def stream(model, tokenizer, prompt_ids: list[int], params: GenerationParams, stats: dict | None = None) -> Iterator[str]:
     """Yield the response text piece by piece (the prompt is never echoed).
 
     Beam search cannot stream (the best beam is known only at the end), so with
@@ -54,15 +54,15 @@ def stream(model, tokenizer, prompt: str, params: GenerationParams, stats: dict 
     """
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    prompt_len = inputs["input_ids"].shape[1]
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    prompt_len = input_ids.shape[1]
     context = model.config.max_position_embeddings
     if prompt_len >= context:
         raise ValueError(f"prompt: {prompt_len} tokens with its template; the model's context holds {context}")
     if prompt_len + params.max_tokens > context:  # documented: the answer is cut at the end of the context
         params = replace(params, max_tokens=context - prompt_len)
     stop = _StopFlag()
-    kwargs = dict(**inputs, **generate_kwargs(params, tokenizer), stopping_criteria=StoppingCriteriaList([stop]))
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **generate_kwargs(params, tokenizer), stopping_criteria=StoppingCriteriaList([stop]))
     if stats is not None:
         stats["input_tokens"] = prompt_len
 
@@ -107,5 +107,5 @@ def _strip_eos(ids: torch.Tensor, tokenizer) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def complete(model, tokenizer, prompt: str, params: GenerationParams) -> str:
-    return "".join(stream(model, tokenizer, prompt, params))
+def complete(model, tokenizer, prompt_ids: list[int], params: GenerationParams) -> str:
+    return "".join(stream(model, tokenizer, prompt_ids, params))

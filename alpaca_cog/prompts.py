@@ -38,3 +38,12 @@ def build_prompt(template: str, instruction: str, input: str = "", tokenizer=Non
     if template == "none":
         return f"{instruction}\n{input}" if input else instruction
     raise ValueError(f"prompt_template: unknown template {template!r}; choose one of {TEMPLATE_NAMES}")
+
+
+def encode_prompt(tokenizer, template: str, instruction: str, input: str = "") -> list[int]:
+    """Token ids of the prompt, identical in training and prediction.
+
+    The tokenizer adds its own special tokens (LLaMA's BOS); chat templates already hold theirs.
+    """
+    text = build_prompt(template, instruction, input, tokenizer)
+    return tokenizer(text, add_special_tokens=template != "chat")["input_ids"]

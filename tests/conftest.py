@@ -81,3 +81,24 @@ def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, rea
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
+    """A random tiny LLaMA with SmolLM2's real tokenizer, saved as a Hugging Face folder."""
+    from alpaca_cog.model import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(weights_dir)
+    # Larger initial weights than LLaMA's 0.02, so that a LoRA on it learns visibly within 20 steps.
+    tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_defaults(**overrides) -> dict:
+    """train.py's Cog defaults, as the server and the CLI use them."""
+    from alpaca_cog.cli import input_fields
+    from train import train
+
+    return {name: info.default for name, _, info, _ in input_fields(train)} | overrides

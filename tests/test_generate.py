@@ -7,10 +7,11 @@ import torch
 
 from alpaca_cog.generate import GenerationParams, complete, stream
 from alpaca_cog.model import load_tokenizer
-from alpaca_cog.prompts import ALPACA_NO_INPUT, build_prompt
+from alpaca_cog.prompts import ALPACA_NO_INPUT, build_prompt, encode_prompt
 from conftest import tiny_llama
 
 GREEDY = GenerationParams(temperature=0, max_tokens=12)
+HELLO = [28120, 905]
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +59,26 @@ def test_unknown_template_or_missing_chat_template_is_a_clear_error(tokenizer):
         build_prompt("chat", "x", tokenizer=None)
 
 
+def test_prompt_tokens_are_the_tokenizers_own(tokenizer):
+    ids = encode_prompt(tokenizer, "alpaca", "Hi")
+    assert ids == tokenizer(build_prompt("alpaca", "Hi"))["input_ids"]
+    chat = encode_prompt(tokenizer, "chat", "Hi")
+    assert tokenizer.decode(chat) == build_prompt("chat", "Hi", tokenizer=tokenizer)
+
+
 def test_greedy_stream_equals_written_out_greedy_and_excludes_the_prompt(model, tokenizer):
-    prompt = build_prompt("alpaca", "Name a color.")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, "alpaca", "Name a color.")
     expected = reference_greedy(model, prompt_ids, GREEDY.max_tokens)
     assert tokenizer.eos_token_id not in expected  # precondition: no early stop in this sample
     stats: dict = {}
-    pieces = list(stream(model, tokenizer, prompt, GREEDY, stats))
+    pieces = list(stream(model, tokenizer, prompt_ids, GREEDY, stats))
     assert "".join(pieces) == tokenizer.decode(expected, skip_special_tokens=True)
     assert stats == {"input_tokens": len(prompt_ids), "output_tokens": GREEDY.max_tokens}
     assert len(pieces) > 1  # streamed, not returned whole
 
 
 def test_generation_stops_at_eos(model, tokenizer):
-    prompt = build_prompt("alpaca", "Name a color.")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, "alpaca", "Name a color.")
     greedy = reference_greedy(model, prompt_ids, 6)
     k, eos = 3, tokenizer.eos_token_id
     assert greedy[k] not in greedy[:k] and eos not in greedy[:k]
@@ -81,7 +87,7 @@ def test_generation_stops_at_eos(model, tokenizer):
         w = stopping.lm_head.weight
         w[[greedy[k], eos]] = w[[eos, greedy[k]]]
     stats: dict = {}
-    text = "".join(stream(stopping, tokenizer, prompt, GREEDY, stats))
+    text = "".join(stream(stopping, tokenizer, prompt_ids, GREEDY, stats))
     assert text == tokenizer.decode(greedy[:k], skip_special_tokens=True)
     assert stats["output_tokens"] == k
 
@@ -89,18 +95,18 @@ def test_generation_stops_at_eos(model, tokenizer):
 def test_beams_and_sampling_respect_max_tokens(model, tokenizer):
     for params in [GenerationParams(beams=3, max_tokens=5), GenerationParams(temperature=1.0, max_tokens=5, seed=0)]:
         stats: dict = {}
-        list(stream(model, tokenizer, "hello", params, stats))
+        list(stream(model, tokenizer, HELLO, params, stats))
         assert 1 <= stats["output_tokens"] <= 5
 
 
 def test_same_seed_same_sample(model, tokenizer):
     params = GenerationParams(temperature=1.5, top_k=0, top_p=1.0, max_tokens=10, seed=7)
-    assert complete(model, tokenizer, "hello", params) == complete(model, tokenizer, "hello", params)
+    assert complete(model, tokenizer, HELLO, params) == complete(model, tokenizer, HELLO, params)
 
 
 def test_closing_the_stream_stops_generation(model, tokenizer):
     before = threading.active_count()
-    pieces = stream(model, tokenizer, "hello", GenerationParams(temperature=0, max_tokens=100_000))
+    pieces = stream(model, tokenizer, HELLO, GenerationParams(temperature=0, max_tokens=100_000))
     next(pieces)
     pieces.close()  # what Cog does when a prediction is cancelled mid-stream
     assert threading.active_count() == before
@@ -109,8 +115,7 @@ def test_closing_the_stream_stops_generation(model, tokenizer):
 def test_prompt_longer_than_context_is_refused_and_max_tokens_is_cut(model, tokenizer):
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=r"prompt: \d+ tokens .* context holds 128"):
-        list(stream(model, tokenizer, "word " * context, GREEDY))
-    prompt = "word " * (context - 4)
+        list(stream(model, tokenizer, [7] * context, GREEDY))
     stats: dict = {}
-    list(stream(model, tokenizer, prompt, GenerationParams(temperature=0, max_tokens=50), stats))
+    list(stream(model, tokenizer, [7] * (context - 4), GenerationParams(temperature=0, max_tokens=50), stats))
     assert stats["input_tokens"] + stats["output_tokens"] <= context
