@@ -7,6 +7,7 @@ As a Cog training job (POST /trainings, what Replicate trainings call) and as a 
 
 import os
 import sys
+import tempfile
 
 from cog import BaseModel, Input, Path
 
@@ -44,7 +45,9 @@ def train(
     logging_steps: int = Input(description="Report training loss every this many steps.", default=10, ge=1),
     eval_steps: int = Input(description="Report validation loss every this many steps.", default=200, ge=1),
 ) -> TrainingOutput:
-    output = finetune(**locals(), base_weights=BASE_WEIGHTS, output_path=Path("training_output.tar"), checkpoint_dir=CHECKPOINT_DIR)
+    inputs = dict(locals())
+    output_path = Path(tempfile.mkdtemp(prefix="alpaca-cog-training-")) / "training_output.tar"
+    output = finetune(**inputs, base_weights=BASE_WEIGHTS, output_path=output_path, checkpoint_dir=CHECKPOINT_DIR)
     return TrainingOutput(weights=Path(output))
 
 
