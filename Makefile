@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 weights/config.json: | $(VENV)/.installed
-	$(PY) convert_weights.py --from gguf --output_dir weights
+	$(PY) convert_weights.py --gguf --output_dir weights
 
 weights: weights/config.json
 
