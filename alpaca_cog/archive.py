@@ -36,6 +36,9 @@ def extract(archive: Path, dest_dir: Path, max_bytes: int = MAX_UNPACKED_BYTES) 
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
+            for m in members:  # refused outright, not rewritten (tarfile's filter would strip a leading /)
+                if m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise ValueError(f"weights: {archive.name}: member {m.name!r} points outside the archive")
             total = sum(m.size for m in members if m.isfile())
             if total > max_bytes:
                 raise ValueError(f"weights: {archive.name} unpacks to {total} bytes, over the {max_bytes} limit")

@@ -46,6 +46,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o644)  # mkstemp makes it private; the result is an ordinary file
     try:
         yield tmp
         os.replace(tmp, target)
