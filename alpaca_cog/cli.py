@@ -65,3 +65,8 @@ def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] 
         if info.min_length is not None and len(value) < info.min_length:
             parser.error(f"--{name}: must not be empty")
     return {name: args[name] for name, *_ in input_fields(fn)}
+
+
+def defaults(fn: Callable) -> dict[str, Any]:
+    """fn's default inputs, as Cog's server and the command line fill them in."""
+    return {name: info.default for name, _, info, _ in input_fields(fn)}

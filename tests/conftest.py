@@ -98,7 +98,7 @@ def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
 
 def train_defaults(**overrides) -> dict:
     """train.py's Cog defaults, as the server and the CLI use them."""
-    from alpaca_cog.cli import input_fields
+    from alpaca_cog.cli import defaults
     from train import train
 
-    return {name: info.default for name, _, info, _ in input_fields(train)} | overrides
+    return defaults(train) | overrides
