@@ -39,3 +39,7 @@ serve-train: weights/config.json schema
 
 clean:
 	rm -rf $(VENV) .cog .pytest_cache
+
+# make train DATA=path/to/data.json ARGS="--max_steps 20"
+train: weights/config.json
+	$(PY) train.py --train_data "$(DATA)" $(ARGS)

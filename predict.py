@@ -36,7 +36,7 @@ class Predictor(BaseRunner):
             choices=TEMPLATE_NAMES,
         ),
         max_tokens: int = Input(description="Maximum number of tokens to generate.", default=128, ge=1, le=4096),
-        temperature: float = Input(description="Sampling temperature; 0 is greedy decoding.", default=0.1, ge=0.0, le=5.0),
+        temperature: float = Input(description="Sampling temperature; 0 (or below 1e-5) is greedy decoding.", default=0.1, ge=0.0, le=5.0),
         top_p: float = Input(description="Nucleus sampling: keep the smallest token set with this much probability.", default=0.75, ge=0.01, le=1.0),
         top_k: int = Input(description="Sample from the k most likely tokens; 0 disables.", default=40, ge=0, le=1000),
         beams: int = Input(description="Beam search width; above 1 the answer arrives whole, not streamed.", default=1, ge=1, le=8),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file
 
 from .archive import adapter_dir
@@ -23,12 +24,30 @@ from .prompts import build_prompt
 STATE_FILE = "trainer_state.pt"
 
 
+CE_CHUNK = 1024  # positions per cross-entropy chunk
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens of a micro-batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed next-token cross-entropy over the labelled tokens of a micro-batch.
+
+    Only labelled positions get logits, in chunks recomputed during backward, so the
+    full (tokens x vocabulary) fp32 logits tensor never exists: with a 49K vocabulary it
+    dominates training memory, and writing it dominates the time of the output layer.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden, labels = hidden[:, :-1][keep], labels[keep]
+    weight = causal_lm.get_output_embeddings().weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(labels), CE_CHUNK):
+        total = total + checkpoint(_chunk_loss, hidden[i : i + CE_CHUNK], weight, labels[i : i + CE_CHUNK], use_reentrant=False)
+    return total
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -36,18 +55,30 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 class MicroBatches:
-    """Micro-batch i of an endless sequence of epochs, each a seeded shuffle: resumable at any i."""
+    """Micro-batch i of an endless sequence of epochs, each a seeded shuffle: resumable at any i.
 
-    def __init__(self, examples: list[dict], size: int, seed: int, pad_id: int):
+    With group_by_length, each run of 50 micro-batches of the shuffle is sorted by length, so
+    a micro-batch pads to a near neighbour rather than to a random long example (transformers'
+    LengthGroupedSampler does the same); every epoch still sees every example once.
+    """
+
+    def __init__(self, examples: list[dict], size: int, seed: int, pad_id: int, group_by_length: bool):
         self.examples, self.size, self.seed, self.pad_id = examples, size, seed, pad_id
+        self.group = 50 * size if group_by_length else 0
         self.per_epoch = math.ceil(len(examples) / size)
         self._order: tuple[int, list[int]] | None = None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        if not self.group:
+            return order
+        groups = [order[i : i + self.group] for i in range(0, len(order), self.group)]
+        return [k for g in groups for k in sorted(g, key=lambda k: -len(self.examples[k]["input_ids"]))]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(i, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._order = (epoch, torch.randperm(len(self.examples), generator=g).tolist())
+            self._order = (epoch, self._epoch_order(epoch))
         index = self._order[1][j * self.size : (j + 1) * self.size]
         return collate([self.examples[k] for k in index], self.pad_id)
 
@@ -193,6 +224,7 @@ def finetune(
     lora_dropout: float,
     lora_target_modules: str,
     train_on_inputs: bool,
+    group_by_length: bool,
     prompt_template: str,
     quantization: Quantization,
     seed: int,
@@ -243,7 +275,7 @@ def finetune(
     model.print_trainable_parameters()
 
     accumulation = batch_size // micro_batch_size
-    batches = MicroBatches(train, micro_batch_size, seed, tokenizer.pad_token_id)
+    batches = MicroBatches(train, micro_batch_size, seed, tokenizer.pad_token_id, group_by_length)
     total_steps = max_steps if max_steps > 0 else math.ceil(batches.per_epoch * num_train_epochs / accumulation)
     warmup = min(100, total_steps // 10)  # Alpaca-LoRA warms up for 100 steps; short runs get a tenth
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)

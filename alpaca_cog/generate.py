@@ -28,8 +28,11 @@ class _StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-5  # below it logits / T overflows; sampling that cold is greedy decoding anyway
+
+
 def generate_kwargs(params: GenerationParams, tokenizer) -> dict:
-    sample = params.temperature > 0
+    sample = params.temperature >= MIN_SAMPLING_TEMPERATURE
     kwargs = dict(
         max_new_tokens=params.max_tokens,
         num_beams=params.beams,

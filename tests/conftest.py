@@ -28,10 +28,10 @@ def weights_dir() -> Path:
 def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A random LLaMA small enough to run a forward pass in milliseconds."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = LlamaConfig(**dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2) | overrides,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
@@ -91,7 +91,8 @@ def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(weights_dir)
     # Larger initial weights than LLaMA's 0.02, so that a LoRA on it learns visibly within 20 steps.
-    tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.2).save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.2,
+               max_position_embeddings=1024).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -99,6 +99,13 @@ def test_beams_and_sampling_respect_max_tokens(model, tokenizer):
         assert 1 <= stats["output_tokens"] <= 5
 
 
+def test_vanishing_temperature_decodes_greedily(model, tokenizer):
+    # found by fuzzing the server: 2.2e-309 > 0 made logits / T overflow into NaN probabilities
+    for temperature in [2.225073858507203e-309, 1e-6]:
+        cold = complete(model, tokenizer, HELLO, GenerationParams(temperature=temperature, max_tokens=8, seed=0))
+        assert cold == complete(model, tokenizer, HELLO, GenerationParams(temperature=0, max_tokens=8))
+
+
 def test_same_seed_same_sample(model, tokenizer):
     params = GenerationParams(temperature=1.5, top_k=0, top_p=1.0, max_tokens=10, seed=7)
     assert complete(model, tokenizer, HELLO, params) == complete(model, tokenizer, HELLO, params)

@@ -1,0 +1,153 @@
+"""Decoding speed: Alpaca-LoRA's generate.py path (baseline) against predict.py's path (ours).
+
+Baseline: an unmerged PeftModel and model.generate with generate.py's settings. Ours: the
+Predictor's setup (adapter merged) and its streaming generation. Both use the same base model and
+the same random LoRA adapter (r=8 on q_proj,v_proj). Prints one JSON object and keeps it in
+bench/results/predict-<date>.json.
+
+    python bench/predict.py [--model weights] [--tokens 64]
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PROMPT = "Tell me about alpacas."
+
+
+def make_adapter(model_dir: str, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():  # small, so the greedy text stays sensible
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.01)
+    model.save_pretrained(out)
+    return out
+
+
+def timed(generate_pieces, tokens: int) -> dict:
+    """Time to the first piece, and tokens/s after it (over the whole call when it is one piece: beams)."""
+    start = time.perf_counter()
+    first, pieces = None, 0
+    for _ in generate_pieces():
+        first = first or time.perf_counter()
+        pieces += 1
+    end = time.perf_counter()
+    return dict(ttft_s=first - start, tokens_per_s=(tokens - 1) / (end - first) if pieces > 1 else tokens / (end - start))
+
+
+def run_baseline(args, adapter: Path) -> dict:
+    """generate.py: LlamaForCausalLM + PeftModel.from_pretrained (unmerged), model.generate."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TextIteratorStreamer
+
+    from alpaca_cog.prompts import build_prompt
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), str(adapter)).eval()
+    setup = time.perf_counter() - start
+    ids = tokenizer(build_prompt("alpaca", PROMPT), return_tensors="pt")["input_ids"]
+    n = args.tokens
+
+    def run(**settings):
+        config = GenerationConfig(temperature=0.1, top_p=0.75, top_k=40, **settings)
+        kwargs = dict(input_ids=ids, generation_config=config, max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.eos_token_id)
+
+        def pieces():
+            if settings.get("num_beams", 1) > 1:  # generate.py's default path: no streaming
+                with torch.no_grad():
+                    yield model.generate(**kwargs)
+                return
+            import threading
+
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+            thread = threading.Thread(target=lambda: model.generate(**kwargs, streamer=streamer))
+            with torch.no_grad():
+                thread.start()
+                yield from streamer
+            thread.join()
+
+        return timed(pieces, n)
+
+    return dict(setup_s=setup, greedy=run(num_beams=1, do_sample=False), sampled=run(num_beams=1, do_sample=True),
+                beams4=run(num_beams=4), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+
+
+def run_ours(args, adapter: Path) -> dict:
+    os.environ["ALPACA_COG_BASE_WEIGHTS"] = args.model
+    import predict
+    from alpaca_cog.generate import GenerationParams, stream
+    from alpaca_cog.prompts import encode_prompt
+
+    start = time.perf_counter()
+    predictor = predict.Predictor()
+    predictor.setup(weights=str(adapter))
+    setup = time.perf_counter() - start
+    ids = encode_prompt(predictor.tokenizer, "alpaca", PROMPT)
+    n = args.tokens
+    model = predictor.model
+    model.generation_config.min_new_tokens = n  # the same length as the baseline, EOS or not
+
+    def run(**settings):
+        params = GenerationParams(max_tokens=n, seed=0, **settings)
+        return timed(lambda: stream(model, predictor.tokenizer, ids, params), n)
+
+    return dict(setup_s=setup, greedy=run(temperature=0), sampled=run(temperature=0.1), beams4=run(temperature=0, beams=4),
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "weights"))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--side", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = (run_baseline if args.side == "baseline" else run_ours)(args, Path(args.adapter))
+        print("RESULT " + json.dumps(result))
+        return
+    adapter = make_adapter(args.model, Path(tempfile.mkdtemp()) / "adapter")
+    sides = {}
+    for side in ["baseline", "ours"]:
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--model", args.model, "--tokens", str(args.tokens),
+                              "--adapter", str(adapter)], capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
+        sides[side] = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        for mode in ["greedy", "sampled", "beams4"]:
+            sides[side][mode] = {k: round(v, 3) for k, v in sides[side][mode].items()}
+        sides[side]["tokens_per_s"] = sides[side]["greedy"]["tokens_per_s"]
+        sides[side]["ttft_s"] = sides[side]["greedy"]["ttft_s"]
+    report = {
+        "bench": "predict",
+        "date": date.today().isoformat(),
+        "machine": dict(platform=platform.platform(), cores=os.cpu_count(), torch=torch.__version__,
+                        cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
+        "settings": dict(model=Path(args.model).name, tokens=args.tokens, prompt=PROMPT, adapter="random LoRA r=8 q_proj,v_proj"),
+        **sides,
+        "speedup": sides["ours"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"],
+    }  # fmt: skip
+    out = ROOT / "bench" / "results" / f"predict-{report['date']}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

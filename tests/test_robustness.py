@@ -1,0 +1,114 @@
+"""Hostile and heavy use of the real Cog server: generated requests, unicode, concurrency, memory."""
+
+import json
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import cog_server
+
+UNICODE_PROMPTS = ["Translate: 東京は日本の首都です", "Explain 🦙🦙 in one word", "tab\tand\x07bell\x1b[31m", "e\u0301\u200b\ufeff"]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """Cog's server on a tiny random model: the API under test is the same, predictions take milliseconds."""
+    with cog_server(tmp_path_factory.mktemp("fuzz"), env={"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir)}) as url:
+        yield url
+
+
+def post(url, body, **kwargs):
+    for _ in range(50):  # a slot is freed a moment after the previous response
+        r = requests.post(f"{url}/predictions", json=body, timeout=120, **kwargs)
+        if r.status_code != 409:
+            return r
+        time.sleep(0.1)
+    return r
+
+
+anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
+                     st.text(max_size=30), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))  # fmt: skip
+valid = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=100).filter(str.strip)},  # within the tiny model's 1024 positions
+    optional={
+        "prompt_template": st.sampled_from(["alpaca", "chat", "none"]),
+        "max_tokens": st.integers(1, 3),  # the full range (to 4096) is valid too; kept short for speed
+        "temperature": st.floats(0, 5),
+        "top_p": st.floats(0.01, 1),
+        "top_k": st.integers(0, 1000),
+        "beams": st.integers(1, 2),
+        "seed": st.integers(0, 2**31 - 1),
+    },
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(base=valid, field=st.sampled_from(["prompt", "prompt_template", "max_tokens", "temperature", "top_p", "top_k", "beams", "seed"]),
+       value=anything, corrupt=st.booleans())  # fmt: skip
+def test_generated_requests_never_5xx_and_invalid_ones_name_the_field(tiny_server, base, field, value, corrupt):
+    body = dict(base, **{field: value}) if corrupt else base
+    response = post(tiny_server, {"input": body})
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 422:
+        assert corrupt
+        assert {tuple(d["loc"]) for d in response.json()["detail"]} == {("body", "input", field)}
+    else:
+        assert response.json()["status"] == "succeeded", response.json()
+
+
+def test_server_still_answers_after_fuzzing_and_malformed_bodies(tiny_server):
+    for raw in [b"", b"{", b'{"input": 3}', b"[]", b'{"input": {"prompt": "hi"}, "id": 5}']:
+        r = requests.post(f"{tiny_server}/predictions", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code < 500, (raw, r.status_code, r.text)
+    assert post(tiny_server, {"input": {"prompt": "hi", "max_tokens": 2}}).json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("prompt", UNICODE_PROMPTS, ids=["cjk", "emoji", "control", "combining"])
+def test_unicode_prompts_are_answered(tiny_server, prompt):
+    body = post(tiny_server, {"input": {"prompt": prompt, "max_tokens": 3, "temperature": 0}}).json()
+    assert body["status"] == "succeeded"
+    json.dumps(body)  # valid JSON text all the way
+
+
+def test_prompt_beyond_the_context_is_a_clear_failure(tiny_server):
+    body = post(tiny_server, {"input": {"prompt": "word " * 1100, "max_tokens": 3}}).json()  # tiny model: 1024 positions
+    assert body["status"] == "failed" and "prompt:" in body["error"] and "context holds 1024" in body["error"]
+
+
+def test_concurrent_clients_get_an_answer_or_409(tiny_server):
+    results: list[int] = []
+
+    def client():
+        for _ in range(5):
+            r = requests.post(f"{tiny_server}/predictions", json={"input": {"prompt": "hi", "max_tokens": 3}}, timeout=120)
+            results.append(r.status_code)
+            if r.status_code == 200:
+                assert r.json()["status"] == "succeeded"
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) <= {200, 409} and 200 in results and len(results) == 40
+
+
+def _worker_rss(url) -> int:
+    port = int(url.rsplit(":", 1)[1])
+    server = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN")
+    return sum(p.memory_info().rss for p in psutil.Process(server).children(recursive=True))
+
+
+def test_worker_memory_is_flat_over_200_requests(tiny_server):
+    for _ in range(20):  # warm-up: allocator pools and caches reach their working size
+        post(tiny_server, {"input": {"prompt": "Tell me a story.", "max_tokens": 16, "temperature": 0.7}})
+    before = _worker_rss(tiny_server)
+    for i in range(200):
+        assert post(tiny_server, {"input": {"prompt": f"Tell me story {i}.", "max_tokens": 16, "temperature": 0.7}}).status_code == 200
+    growth = _worker_rss(tiny_server) - before
+    assert growth < 20 * 2**20, f"worker RSS grew by {growth / 2**20:.1f} MiB over 200 requests"
