@@ -60,7 +60,7 @@ if __name__ == "__main__":
     inputs = parse_inputs(train, parser)
     try:
         output = finetune(**inputs, base_weights=BASE_WEIGHTS, output_path=parser.parse_args().output_path, checkpoint_dir=CHECKPOINT_DIR)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a disk that filled up while writing
         sys.exit(f"error: {e}")
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

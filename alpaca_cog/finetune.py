@@ -176,6 +176,35 @@ def plot_losses(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
+ARCHIVE_FILES = ["adapter_model.safetensors", "adapter_config.json", "prompt_template.json", "metrics.json", "loss.png"]
+
+
+def write_archive(model, tokenizer, prompt_template: str, metrics: dict, output_path: Path) -> None:
+    """The training output: adapter, template, metrics and loss curve in one tar, written atomically."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model.save_pretrained(tmp)
+        template = {"name": prompt_template, "no_input": build_prompt(prompt_template, "{instruction}", "", tokenizer),
+                    "with_input": build_prompt(prompt_template, "{instruction}", "{input}", tokenizer)}  # fmt: skip
+        (tmp / "prompt_template.json").write_text(json.dumps(template, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_losses(metrics["history"], tmp / "loss.png")
+        with atomic_file(output_path) as partial, tarfile.open(partial, "w") as tar:
+            for name in ARCHIVE_FILES:
+                tar.add(tmp / name, arcname=name)
+
+
+def _check_writable(output_path: Path) -> None:
+    """Fail before hours of training, not after: the archive's folder must exist (or be creatable) and be writable."""
+    folder = output_path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"output_path: cannot write into {folder} ({e.strerror or e})") from None
+
+
 class _StopOnSignal:
     """SIGTERM/SIGINT: finish the current step, write a checkpoint, then stop."""
 
@@ -240,6 +269,7 @@ def finetune(
     if batch_size % micro_batch_size:
         raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size})")
     started = time.monotonic()
+    _check_writable(Path(output_path))
     examples = load_examples(train_data)  # fail fast on bad data, before loading any model
     tokenizer = load_tokenizer(base_weights)
     encoded, truncated = [], 0
@@ -345,16 +375,6 @@ def finetune(
         final_val_loss=history["val"][-1]["loss"] if history["val"] else None,
         device=device, history=history,
     )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model.save_pretrained(tmp)
-        (tmp / "prompt_template.json").write_text(json.dumps(dict(
-            name=prompt_template, no_input=build_prompt(prompt_template, "{instruction}", "", tokenizer),
-            with_input=build_prompt(prompt_template, "{instruction}", "{input}", tokenizer)), indent=2))  # fmt: skip
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_losses(history, tmp / "loss.png")
-        with atomic_file(output_path) as partial, tarfile.open(partial, "w") as tar:
-            for name in ["adapter_model.safetensors", "adapter_config.json", "prompt_template.json", "metrics.json", "loss.png"]:
-                tar.add(tmp / name, arcname=name)
+    write_archive(model, tokenizer, prompt_template, metrics, Path(output_path))
     print(f"done in {_duration(time.monotonic() - started)}: final train loss {metrics['final_train_loss']:.4f}", flush=True)
     return Path(output_path)

@@ -155,3 +155,20 @@ def test_smollm2_finetune_changes_its_answers(weights_dir, tmp_path):
     before = complete(base, tokenizer, prompt, greedy)
     tuned = apply_adapter(base, adapter_dir(str(archive), tmp_path / "x"))
     assert complete(tuned, tokenizer, prompt, greedy) != before
+
+
+def test_unwritable_output_fails_before_training(tiny_model_dir, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(ValueError, match="output_path: cannot write into .*a-file"):
+        finetune(**train_defaults(**TINY_RUN, max_steps=1), base_weights=tiny_model_dir,
+                 output_path=tmp_path / "a-file" / "out.tar", checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
+
+
+def test_disk_full_while_writing_leaves_no_partial_archive(tiny_model_dir, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "add", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_finetune(tiny_model_dir, tmp_path, max_steps=1)
+    assert not (tmp_path / "out.tar").exists() and not list(tmp_path.glob(".out.tar*"))
