@@ -22,7 +22,7 @@ from .outputs import atomic_dir, atomic_file
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Model-parallel shard counts of Meta's releases, for a clear error when files are missing.
 NUM_SHARDS = {"7B": 1, "8B": 1, "13B": 2, "30B": 4, "33B": 4, "34B": 4, "65B": 8, "70B": 8}
-MAX_SHARD_BYTES = 2 * 2**30
+MAX_SHARD_BYTES = 2**30  # memory holds about one output shard plus one layer
 # Meta name -> Hugging Face name, per layer; Meta's fairscale layers split Column weights
 # along dim 0 and Row weights along dim 1 across model-parallel ranks.
 LAYER_TENSORS = {

@@ -21,8 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-# 18 layers of dim 2048 (MLP 5632), vocabulary 32000: 1.07B parameters, 2.1 GB in fp16.
-SHAPE = dict(dim=2048, n_layers=18, n_heads=16, vocab_size=32000, multiple_of=256, dtype=torch.float16)
+# 20 layers of dim 2048 (MLP 5632), a 4096-token vocabulary: 1.04B parameters, 2.1 GB in fp16.
+SHAPE = dict(dim=2048, n_layers=20, n_heads=16, vocab_size=4096, multiple_of=256, dtype=torch.float16)
 
 
 def timed_peak(cmd: list[str], env: dict) -> dict:
