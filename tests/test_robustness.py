@@ -33,24 +33,37 @@ def post(url, body, **kwargs):
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
                      st.text(max_size=30), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))  # fmt: skip
-valid = st.fixed_dictionaries(
-    {"prompt": st.text(min_size=1, max_size=100).filter(str.strip)},  # within the tiny model's 1024 positions
-    optional={
-        "prompt_template": st.sampled_from(["alpaca", "chat", "none"]),
-        "max_tokens": st.integers(1, 3),  # the full range (to 4096) is valid too; kept short for speed
-        "temperature": st.floats(0, 5),
-        "top_p": st.floats(0.01, 1),
-        "top_k": st.integers(0, 1000),
-        "beams": st.integers(1, 2),
-        "seed": st.integers(0, 2**31 - 1),
-    },
-)
+# Kept short for speed; the rest of each range is generated as the schema says.
+SPEED_CAPS = {"max_tokens": 3, "beams": 2, "prompt": 100}  # prompt: characters, within the tiny model's 1024 positions
+
+
+def strategy_for(name: str, prop: dict, enums: dict):
+    """Valid values of one input, read from the schema Cog serves."""
+    if "allOf" in prop:
+        return st.sampled_from(enums[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]["enum"])
+    low, high = prop.get("minimum"), prop.get("maximum")
+    if prop["type"] == "integer":
+        return st.integers(int(low), min(int(high), SPEED_CAPS.get(name, int(high))))
+    if prop["type"] == "number":
+        return st.floats(low, high)
+    return st.text(min_size=prop.get("minLength", 0), max_size=SPEED_CAPS.get(name, 100)).filter(str.strip)
+
+
+@pytest.fixture(scope="module")
+def inputs_schema(tiny_server):
+    schemas = requests.get(f"{tiny_server}/openapi.json", timeout=30).json()["components"]["schemas"]
+    return schemas["Input"], schemas
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-@given(base=valid, field=st.sampled_from(["prompt", "prompt_template", "max_tokens", "temperature", "top_p", "top_k", "beams", "seed"]),
-       value=anything, corrupt=st.booleans())  # fmt: skip
-def test_generated_requests_never_5xx_and_invalid_ones_name_the_field(tiny_server, base, field, value, corrupt):
+@given(data=st.data(), value=anything, corrupt=st.booleans())
+def test_generated_requests_never_5xx_and_invalid_ones_name_the_field(tiny_server, inputs_schema, data, value, corrupt):
+    schema, components = inputs_schema
+    props = schema["properties"]
+    required = {k: strategy_for(k, props[k], components) for k in schema["required"]}
+    optional = {k: strategy_for(k, p, components) for k, p in props.items() if k not in schema["required"]}
+    base = data.draw(st.fixed_dictionaries(required, optional=optional))
+    field = data.draw(st.sampled_from(sorted(props)))
     body = dict(base, **{field: value}) if corrupt else base
     response = post(tiny_server, {"input": body})
     assert response.status_code in (200, 422), response.text
