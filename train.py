@@ -12,7 +12,6 @@ import tempfile
 from cog import BaseModel, Input, Path
 
 from alpaca_cog.finetune import Interrupted, finetune
-from alpaca_cog.model import Quantization
 from alpaca_cog.prompts import TEMPLATE_NAMES
 
 BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")

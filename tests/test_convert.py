@@ -2,6 +2,7 @@
 shards), HF to Meta and back bit for bit, and clear errors with no output left behind."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -114,7 +115,7 @@ def test_bad_input_is_named_and_leaves_no_output(tmp_path, tokenizer_file, what,
     size = "13B" if what == "shard_count" else "7B"
     result = run_cli("--input_dir", root, "--model_size", size, "--output_dir", tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert __import__("re").search(message, result.stderr), result.stderr
+    assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 

@@ -1,6 +1,5 @@
 """Alpaca data: every bad file fails fast with the line or record named, and leaves no archive."""
 
-import json
 import subprocess
 import sys
 

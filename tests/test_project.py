@@ -4,10 +4,8 @@ import ast
 import importlib.metadata
 import json
 import sys
-from pathlib import Path
 
 import jsonschema
-import pytest
 import torch
 import yaml
 
