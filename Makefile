@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Tell me about alpacas.
+# The untuned default model answers best in its own chat template; adapters from train.py use alpaca.
+TEMPLATE ?= $(if $(WEIGHTS),alpaca,chat)
 PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -30,7 +32,7 @@ schema: $(VENV)/.installed
 	$(PY) -m alpaca_cog.cog_schema
 
 predict: weights/config.json
-	$(PY) predict.py --prompt "$(PROMPT)" $(if $(WEIGHTS),--weights "$(WEIGHTS)")
+	$(PY) predict.py --prompt "$(PROMPT)" --prompt_template $(TEMPLATE) $(if $(WEIGHTS),--weights "$(WEIGHTS)")
 
 test: weights/config.json $(VENV)/.installed-test
 	$(PY) -m pytest
