@@ -7,6 +7,7 @@ that Cog's server accepts, with the same defaults, choices and bounds.
 import argparse
 import inspect
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Callable
@@ -64,6 +65,8 @@ def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] 
             parser.error(f"--{name}: {value} is greater than the maximum of {info.le}")
         if info.min_length is not None and len(value) < info.min_length:
             parser.error(f"--{name}: must not be empty")
+        if info.regex is not None and not re.match(info.regex, value):
+            parser.error(f"--{name}: {value!r} does not match {info.regex!r}")
     return {name: args[name] for name, *_ in input_fields(fn)}
 
 

@@ -74,3 +74,18 @@ def test_weights_are_the_embedded_gguf_model_with_equal_logits(weights_dir):
     for name in ["model.safetensors", "tokenizer.json", "generation_config.json", "config.json"]:
         assert (weights_dir / name).is_file()
     assert json.loads((weights_dir / "config.json").read_text()).get("quantization_config") is None
+
+
+def test_command_line_checks_the_bounds_cog_checks(capsys):
+    import pytest
+
+    from alpaca_cog.cli import parse_inputs, parser_for
+    from predict import Predictor
+
+    parser = parser_for(Predictor.run)
+    assert parse_inputs(Predictor.run, parser, ["--prompt", "hi"])["max_tokens"] == 128
+    for argv, message in [(["--prompt", "  "], "--prompt: '  ' does not match"), (["--prompt", "hi", "--top_p", "2"], "--top_p: 2.0 is greater"),
+                          (["--prompt", "hi", "--prompt_template", "x"], "invalid choice: 'x'")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_inputs(Predictor.run, parser, argv)
+        assert message in capsys.readouterr().err
