@@ -87,6 +87,17 @@ def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotary_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """Heads to permute for a projection: q and k carry rotary embeddings, nothing else does."""
+    return {"self_attn.q_proj.weight": n_heads, "self_attn.k_proj.weight": n_kv_heads}.get(hf_name)
+
+
+def _copy_sentencepiece(src_dir: Path, dst_dir: Path) -> None:
+    """Keep Meta's tokenizer.model next to the weights (for --to meta and llama.cpp), when there is one."""
+    if (Path(src_dir) / "tokenizer.model").exists():
+        shutil.copy2(Path(src_dir) / "tokenizer.model", Path(dst_dir) / "tokenizer.model")
+
+
 def read_params(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (Meta's checkpoints come with params.json)")
@@ -228,10 +239,8 @@ def meta_to_hf(input_dir: str | Path, model_size: str, output_dir: str | Path, f
             names = [f"layers.{layer}.{name}" for name in LAYER_TENSORS]
             for (hf_name, dim_), meta_name, parts in zip(LAYER_TENSORS.values(), names, tensors(names)):
                 tensor = _merge(meta_name, parts, dim_)
-                if hf_name == "self_attn.q_proj.weight":
-                    tensor = permute_to_hf(tensor, n_heads)
-                elif hf_name == "self_attn.k_proj.weight":
-                    tensor = permute_to_hf(tensor, n_kv)
+                if heads := rotary_heads(hf_name, n_heads, n_kv):
+                    tensor = permute_to_hf(tensor, heads)
                 writer.add(f"model.layers.{layer}.{hf_name}", tensor)
         writer.add("model.norm.weight", _merge("norm.weight", norm, None))
         writer.add("lm_head.weight", lm_head)
@@ -240,7 +249,7 @@ def meta_to_hf(input_dir: str | Path, model_size: str, output_dir: str | Path, f
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                          pad_token_id=config.eos_token_id).save_pretrained(tmp)  # fmt: skip
         tokenizer.save_pretrained(tmp)
-        shutil.copy2(tokenizer_file, tmp / "tokenizer.model")  # for --to meta and llama.cpp
+        _copy_sentencepiece(tokenizer_file.parent, tmp)
     return Path(output_dir)
 
 
@@ -277,8 +286,7 @@ def export_hf(model_dir, output_dir, adapter=None, dtype=torch.float32, force=Fa
     with atomic_dir(output_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (Path(model_dir) / "tokenizer.model").exists():
-            shutil.copy2(Path(model_dir) / "tokenizer.model", tmp / "tokenizer.model")
+        _copy_sentencepiece(model_dir, tmp)
     return Path(output_dir)
 
 
@@ -291,16 +299,13 @@ def export_meta(model_dir, output_dir, adapter=None, force=False) -> Path:
     for layer in range(config.num_hidden_layers):
         for meta_name, (hf_name, _) in LAYER_TENSORS.items():
             tensor = sd[f"model.layers.{layer}.{hf_name}"]
-            if hf_name == "self_attn.q_proj.weight":
-                tensor = permute_to_meta(tensor, config.num_attention_heads)
-            elif hf_name == "self_attn.k_proj.weight":
-                tensor = permute_to_meta(tensor, config.num_key_value_heads)
+            if heads := rotary_heads(hf_name, config.num_attention_heads, config.num_key_value_heads):
+                tensor = permute_to_meta(tensor, heads)
             meta[f"layers.{layer}.{meta_name}"] = tensor
     with atomic_dir(output_dir, force=force) as tmp:
         torch.save({k: v.contiguous().clone() for k, v in meta.items()}, tmp / "consolidated.00.pth")
         (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2))
-        if (Path(model_dir) / "tokenizer.model").exists():
-            shutil.copy2(Path(model_dir) / "tokenizer.model", tmp / "tokenizer.model")
+        _copy_sentencepiece(model_dir, tmp)
     return Path(output_dir)
 
 
@@ -340,10 +345,8 @@ def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_
     for layer in range(config.num_hidden_layers):
         for hf_name, gguf_name in GGUF_NAMES.items():
             tensor = sd[f"model.layers.{layer}.{hf_name}"]
-            if hf_name == "self_attn.q_proj.weight":  # llama.cpp's llama arch keeps Meta's rotary layout
-                tensor = permute_to_meta(tensor, config.num_attention_heads)
-            elif hf_name == "self_attn.k_proj.weight":
-                tensor = permute_to_meta(tensor, config.num_key_value_heads)
+            if heads := rotary_heads(hf_name, config.num_attention_heads, config.num_key_value_heads):
+                tensor = permute_to_meta(tensor, heads)  # llama.cpp's llama arch keeps Meta's rotary layout
             tensors[f"blk.{layer}.{gguf_name}"] = tensor
 
     if (model_dir / "tokenizer.model").exists():
