@@ -42,6 +42,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def post_prediction(url: str, inputs: dict) -> requests.Response:
+    """POST a prediction; a 409 right after the previous one finished (its slot not yet freed) is retried."""
+    for _ in range(50):
+        response = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=300)
+        if response.status_code != 409:
+            break
+        time.sleep(0.1)
+    return response
+
+
 @contextmanager
 def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, ready_timeout: float = 300):
     """Cog's own HTTP server (coglet) on a free port, as Replicate runs the built image."""

@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 
 import psutil
 import pytest
@@ -10,7 +9,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cog_server
+from conftest import cog_server, post_prediction
 
 UNICODE_PROMPTS = ["Translate: 東京は日本の首都です", "Explain 🦙🦙 in one word", "tab\tand\x07bell\x1b[31m", "e\u0301\u200b\ufeff"]
 
@@ -22,13 +21,8 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
         yield url
 
 
-def post(url, body, **kwargs):
-    for _ in range(50):  # a slot is freed a moment after the previous response
-        r = requests.post(f"{url}/predictions", json=body, timeout=120, **kwargs)
-        if r.status_code != 409:
-            return r
-        time.sleep(0.1)
-    return r
+def post(url, body):
+    return post_prediction(url, body["input"])
 
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import cog_server
+from conftest import cog_server, post_prediction
 
 DOCUMENTED_INPUTS = {
     "prompt": None,
@@ -28,13 +28,7 @@ def server(weights_dir, tmp_path_factory):
 
 
 def predict(server, **inputs) -> requests.Response:
-    """POST a prediction; a 409 right after the previous one finished (its slot not yet freed) is retried."""
-    for _ in range(50):
-        response = requests.post(f"{server}/predictions", json={"input": inputs}, timeout=300)
-        if response.status_code != 409:
-            break
-        time.sleep(0.1)
-    return response
+    return post_prediction(server, inputs)
 
 
 def test_health_check_ready(server):
