@@ -12,6 +12,7 @@ import types
 import typing
 from typing import Any, Callable
 
+import yaml
 from cog.input import FieldInfo
 
 
@@ -39,8 +40,9 @@ def input_fields(fn: Callable) -> list[tuple[str, Any, FieldInfo, bool]]:
 
 def parser_for(fn: Callable, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or inspect.getdoc(fn))
-    for name, tpe, info, required in input_fields(fn):
-        kwargs: dict[str, Any] = dict(default=info.default, help=info.description, required=required)
+    parser.add_argument("--config", type=pathlib.Path, help="a YAML file of inputs; flags given as well override it")
+    for name, tpe, info, _ in input_fields(fn):
+        kwargs: dict[str, Any] = dict(default=info.default, help=info.description)
         if tpe is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -52,12 +54,41 @@ def parser_for(fn: Callable, description: str | None = None) -> argparse.Argumen
     return parser
 
 
+def _read_config(path: pathlib.Path, fn: Callable, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Inputs from a YAML mapping, typed as the command line would type them; errors name the file and key."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"--config: cannot read {path}: {e}")
+    if not isinstance(values, dict):
+        parser.error(f"--config: {path} must hold a mapping of input names to values")
+    types_ = {name: tpe for name, tpe, *_ in input_fields(fn)}
+    for key, value in values.items():
+        if key not in types_:
+            parser.error(f"--config: {path}: unknown input {key!r} (inputs: {', '.join(types_)})")
+        tpe = types_[key]
+        if value is None:
+            continue
+        if issubclass(tpe, pathlib.Path) and isinstance(value, str):
+            values[key] = pathlib.Path(value)
+        elif tpe is float and type(value) is int:
+            values[key] = float(value)
+        elif type(value) is not tpe:
+            parser.error(f"--config: {path}: {key}: expected {tpe.__name__}, got {value!r}")
+    return values
+
+
 def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse argv and check the same bounds Cog's server checks; returns fn's keyword arguments only."""
+    """Parse argv (and --config) and check the same bounds Cog's server checks; returns fn's keyword arguments only."""
+    config = parser.parse_known_args(argv)[0].config
+    if config is not None:
+        parser.set_defaults(**_read_config(config, fn, parser))
     args = vars(parser.parse_args(argv))
-    for name, _, info, _ in input_fields(fn):
+    for name, _, info, required in input_fields(fn):
         value = args[name]
         if value is None:
+            if required:
+                parser.error(f"--{name} is required")
             continue
         if info.ge is not None and value < info.ge:
             parser.error(f"--{name}: {value} is less than the minimum of {info.ge}")
@@ -67,6 +98,8 @@ def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] 
             parser.error(f"--{name}: must not be empty")
         if info.regex is not None and not re.match(info.regex, value):
             parser.error(f"--{name}: {value!r} does not match {info.regex!r}")
+        if info.choices is not None and value not in info.choices:  # a --config value skips argparse's own check
+            parser.error(f"--{name}: {value!r} is not one of {info.choices}")
     return {name: args[name] for name, *_ in input_fields(fn)}
 
 

@@ -4,6 +4,7 @@ import ast
 import importlib.metadata
 import json
 import sys
+from pathlib import Path
 
 import jsonschema
 import torch
@@ -89,3 +90,25 @@ def test_command_line_checks_the_bounds_cog_checks(capsys):
         with pytest.raises(SystemExit):
             parse_inputs(Predictor.run, parser, argv)
         assert message in capsys.readouterr().err
+
+
+def test_config_file_supplies_inputs_and_flags_override_it(tmp_path, capsys):
+    import pytest
+
+    from alpaca_cog.cli import parse_inputs, parser_for
+    from train import train
+
+    config = tmp_path / "inputs.yaml"
+    config.write_text("train_data: data.json\nfsdp: true\nlearning_rate: 1\nbatch_size: 64\n")
+    inputs = parse_inputs(train, parser_for(train), ["--config", str(config), "--batch_size", "32"])
+    assert inputs["train_data"] == Path("data.json") and inputs["fsdp"] is True
+    assert inputs["learning_rate"] == 1.0 and inputs["batch_size"] == 32 and inputs["micro_batch_size"] == 4
+    for text, message in [("train_data: d.json\nlr: 0.1\n", "unknown input 'lr'"),
+                          ("train_data: d.json\nbatch_size: many\n", "batch_size: expected int, got 'many'"),
+                          ("train_data: d.json\nquantization: 2bit\n", "--quantization: '2bit' is not one of"),
+                          ("train_data: d.json\nlearning_rate: 5\n", "--learning_rate: 5.0 is greater than the maximum of 1.0"),
+                          ("- a\n", "must hold a mapping"), ("lora_r: 8\n", "--train_data is required")]:  # fmt: skip
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_inputs(train, parser_for(train), ["--config", str(config)])
+        assert message in capsys.readouterr().err, text
