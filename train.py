@@ -3,6 +3,7 @@
 As a Cog training job (POST /trainings, what Replicate trainings call) and as a script:
 
     python train.py --train_data data.json [--output_path training_output.tar]   # cog exec python train.py ...
+    torchrun --nproc_per_node 8 train.py --config configs/fsdp.yaml --train_data data.json   # several GPUs
 """
 
 import os
@@ -11,6 +12,7 @@ import tempfile
 
 from cog import BaseModel, Input, Path
 
+from alpaca_cog import distributed
 from alpaca_cog.finetune import Interrupted, finetune
 from alpaca_cog.prompts import TEMPLATE_NAMES
 
@@ -39,6 +41,7 @@ def train(
     group_by_length: bool = Input(description="Batch examples of similar length together: less padding, faster.", default=True),
     prompt_template: str = Input(description="Prompt template, as in predict.py.", default="alpaca", choices=TEMPLATE_NAMES),
     quantization: str = Input(description="Load the base model in 8-bit or 4-bit (QLoRA) via bitsandbytes.", default="none", choices=["none", "8bit", "4bit"]),
+    fsdp: bool = Input(description="With several GPUs, shard the model across them (FSDP) instead of copying it to each: for models one GPU cannot hold.", default=False),
     seed: int = Input(description="Random seed for data order, split and initialisation.", default=42, ge=0),
     resume_from: Path | None = Input(description="A checkpoint folder, or an earlier training output to continue from.", default=None),
     checkpoint_steps: int = Input(description="Write a resumable checkpoint every this many steps; 0 never.", default=200, ge=0),
@@ -47,6 +50,9 @@ def train(
 ) -> TrainingOutput:
     inputs = dict(locals())
     output_path = Path(tempfile.mkdtemp(prefix="alpaca-cog-training-")) / "training_output.tar"
+    count = distributed.process_count()
+    if count > 1 and not distributed.launched():  # `cog train` on a machine with several GPUs: use them all
+        return TrainingOutput(weights=Path(distributed.launch(__file__, inputs, output_path, count)))
     output = finetune(**inputs, base_weights=BASE_WEIGHTS, output_path=output_path, checkpoint_dir=CHECKPOINT_DIR)
     return TrainingOutput(weights=Path(output))
 
@@ -57,11 +63,14 @@ if __name__ == "__main__":
     parser = parser_for(train, __doc__.splitlines()[0])
     parser.add_argument("--output_path", default="training_output.tar", help="where the weights archive goes")
     inputs = parse_inputs(train, parser)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun: say things once, not once per process
     try:
         output = finetune(**inputs, base_weights=BASE_WEIGHTS, output_path=parser.parse_args().output_path, checkpoint_dir=CHECKPOINT_DIR)
     except (ValueError, OSError) as e:  # bad input, or a disk that filled up while writing
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if main_process else 1)
     except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+        if main_process:
+            print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(128 + e.signal)  # the shell's convention for "ended by signal N"
-    print(output)
+    if main_process:
+        print(output)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from .archive import adapter_dir
 from .data import IGNORE_INDEX, collate, load_examples, tokenize
-from .model import Quantization, default_device, load_model, load_tokenizer
+from . import distributed
+from .distributed import Processes, gradient_sync, processes, trainable_state, whole, wrap
+from .model import Quantization, default_dtype, load_model, load_tokenizer
 from .outputs import atomic_dir, atomic_file
 from .prompts import build_prompt
 
@@ -25,6 +27,7 @@ STATE_FILE = "trainer_state.pt"
 
 
 CE_CHUNK = 1024  # positions per cross-entropy chunk
+MAX_GRAD_NORM = 1.0  # transformers Trainer's default, so Alpaca-LoRA's recipe clips at 1.0 too
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,17 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     for i in range(0, len(labels), CE_CHUNK):
         total = total + checkpoint(_chunk_loss, hidden[i : i + CE_CHUNK], weight, labels[i : i + CE_CHUNK], use_reentrant=False)
     return total
+
+
+class CausalLMLoss(torch.nn.Module):
+    """loss_sum as a module's forward, so that DDP and FSDP see (and sync, unshard) the whole computation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_sum(self.model, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels))
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -107,31 +121,32 @@ def latest_checkpoint(path: Path) -> Path:
     return steps[-1]
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, lora_fingerprint: dict) -> dict:
-    from peft import set_peft_model_state_dict
-
+# Checkpoints hold the trainable weights and the optimizer state whole and keyed by parameter name,
+# so that any number of processes, DDP or FSDP, can resume them.
+def _read_checkpoint(path: Path, lora_fingerprint: dict) -> dict:
     path = latest_checkpoint(path)
     try:
         state = torch.load(path / STATE_FILE, weights_only=True)
-        adapter = load_file(path / "adapter_model.safetensors")
+        missing = {"step", "model", "optimizer", "scheduler", "history", "rng", "lora"} - set(state)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
     except FileNotFoundError as e:
         raise ValueError(f"resume_from: {path} is not a training checkpoint ({Path(e.filename).name} missing)") from None
     except Exception as e:  # truncated or foreign files: never start over silently
         raise ValueError(f"resume_from: {path} is corrupt ({type(e).__name__}: {e})") from None
     if state["lora"] != lora_fingerprint:
         raise ValueError(f"resume_from: {path} was trained with {state['lora']}, not {lora_fingerprint}")
-    set_peft_model_state_dict(model, adapter)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    print(f"resumed from {path} at step {state['step']}", flush=True)
+    state["path"] = path
     return state
 
 
-def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: dict, lora_fingerprint: dict) -> None:
+def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: dict, lora_fingerprint: dict, main: bool) -> None:
+    weights, optimizer_state = trainable_state(model), distributed.optimizer_state(model, optimizer)  # every process gathers
+    if not main:
+        return
     with atomic_dir(root / f"step-{step:06d}", force=True) as tmp:
-        model.save_pretrained(tmp)
-        state = dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        model.save_pretrained(tmp, state_dict=weights)  # a PEFT adapter, loadable on its own
+        state = dict(step=step, model=weights, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
                      history=history, rng=_rng_state(), lora=lora_fingerprint)  # fmt: skip
         torch.save(state, tmp / STATE_FILE)
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
@@ -139,11 +154,19 @@ def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], device: str) -> float:
-    model.eval()
-    total = sum(loss_sum(model, {k: v.to(device) for k, v in b.items()}).item() for b in batches)
-    model.train()
-    return total / max(1, sum(label_count(b) for b in batches))
+def evaluate(loss_module, batches: list[dict], procs: Processes) -> float:
+    """Mean validation loss per labelled token; each process takes every count-th batch."""
+    loss_module.eval()
+    total, labels = 0.0, 0
+    # Every process runs as many forward passes as the others (FSDP's gathers must pair up); padding ones count for nothing.
+    for i in range(procs.rank, math.ceil(len(batches) / procs.count) * procs.count, procs.count):
+        batch = batches[min(i, len(batches) - 1)]
+        loss = loss_module(**{k: v.to(procs.device) for k, v in batch.items()}).item()
+        if i < len(batches):
+            total, labels = total + loss, labels + label_count(batch)
+    loss_module.train()
+    total, labels = procs.sum(total, labels)
+    return total / max(1, labels)
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -179,11 +202,11 @@ def plot_losses(history: dict, path: Path) -> None:
 ARCHIVE_FILES = ["adapter_model.safetensors", "adapter_config.json", "prompt_template.json", "metrics.json", "loss.png"]
 
 
-def write_archive(model, tokenizer, prompt_template: str, metrics: dict, output_path: Path) -> None:
+def write_archive(model, adapter: dict, tokenizer, prompt_template: str, metrics: dict, output_path: Path) -> None:
     """The training output: adapter, template, metrics and loss curve in one tar, written atomically."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter)
         template = {"name": prompt_template, "no_input": build_prompt(prompt_template, "{instruction}", "", tokenizer),
                     "with_input": build_prompt(prompt_template, "{instruction}", "{input}", tokenizer)}  # fmt: skip
         (tmp / "prompt_template.json").write_text(json.dumps(template, indent=2))
@@ -256,125 +279,166 @@ def finetune(
     group_by_length: bool,
     prompt_template: str,
     quantization: Quantization,
+    fsdp: bool,
     seed: int,
     resume_from: Path | None,
     checkpoint_steps: int,
     logging_steps: int,
     eval_steps: int,
 ) -> Path:
-    """Train a LoRA adapter on Alpaca-format data; write the weights archive to output_path and return it."""
+    """Train a LoRA adapter on Alpaca-format data; write the weights archive to output_path and return it.
+
+    Under torchrun or accelerate launch, each process trains on its share of every batch and
+    only the first one prints and writes files.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
     from transformers import get_linear_schedule_with_warmup
+    from transformers.utils import logging
 
-    if batch_size % micro_batch_size:
-        raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size})")
-    started = time.monotonic()
-    _check_writable(Path(output_path))
-    examples = load_examples(train_data)  # fail fast on bad data, before loading any model
-    tokenizer = load_tokenizer(base_weights)
-    encoded, truncated = [], 0
-    for example in examples:
-        item, was_truncated = tokenize(example, tokenizer, prompt_template, cutoff_len, train_on_inputs)
-        if any(label != IGNORE_INDEX for label in item["labels"][1:]):  # an example cut before its answer teaches nothing
-            encoded.append(item)
-        truncated += was_truncated
-    print(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}", flush=True)
+    with processes() as procs:
+        def say(message: str) -> None:
+            if procs.main:
+                print(message, flush=True)
 
-    random.Random(seed).shuffle(encoded)
-    if val_set_size >= len(encoded) // 2 and val_set_size:
-        val_set_size = len(encoded) // 10
-        print(f"val_set_size lowered to {val_set_size} (a tenth of the {len(encoded)} examples)", flush=True)
-    val, train = encoded[:val_set_size], encoded[val_set_size:]
-    if not train:
-        raise ValueError(f"train_data: {train_data} has no usable examples")
+        if not procs.main:
+            logging.set_verbosity_error()  # library warnings once, not once per process
+        if batch_size % (micro_batch_size * procs.count):
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size})"
+                             + (f" times the {procs.count} processes" if procs.count > 1 else ""))  # fmt: skip
+        if fsdp and quantization != "none":
+            raise ValueError("quantization: 8bit/4bit base weights cannot be sharded with fsdp; choose one")
+        started = time.monotonic()
+        if procs.main:
+            _check_writable(Path(output_path))
+        examples = load_examples(train_data)  # fail fast on bad data, before loading any model
+        tokenizer = load_tokenizer(base_weights)
+        encoded, truncated = [], 0
+        for example in examples:
+            item, was_truncated = tokenize(example, tokenizer, prompt_template, cutoff_len, train_on_inputs)
+            if any(label != IGNORE_INDEX for label in item["labels"][1:]):  # an example cut before its answer teaches nothing
+                encoded.append(item)
+            truncated += was_truncated
+        say(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}")
 
-    torch.manual_seed(seed)
-    random.seed(seed)
-    device = default_device()
-    model = load_model(base_weights, device=device, quantization=quantization)
-    if quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")  # fmt: skip
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as e:
-        raise ValueError(f"lora_target_modules: {e}") from None
-    lora_fingerprint = dict(r=lora_r, alpha=lora_alpha, targets=sorted(targets), base=str(base_weights))
-    model.print_trainable_parameters()
+        random.Random(seed).shuffle(encoded)
+        if val_set_size >= len(encoded) // 2 and val_set_size:
+            val_set_size = len(encoded) // 10
+            say(f"val_set_size lowered to {val_set_size} (a tenth of the {len(encoded)} examples)")
+        val, train = encoded[:val_set_size], encoded[val_set_size:]
+        if not train:
+            raise ValueError(f"train_data: {train_data} has no usable examples")
 
-    accumulation = batch_size // micro_batch_size
-    batches = MicroBatches(train, micro_batch_size, seed, tokenizer.pad_token_id, group_by_length)
-    total_steps = max_steps if max_steps > 0 else math.ceil(batches.per_epoch * num_train_epochs / accumulation)
-    warmup = min(100, total_steps // 10)  # Alpaca-LoRA warms up for 100 steps; short runs get a tenth
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    val_batches = [collate(val[i : i + micro_batch_size], tokenizer.pad_token_id) for i in range(0, len(val), micro_batch_size)]
-
-    step, history = 0, {"train": [], "val": []}
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        if resume_from.is_dir():
-            state = _load_checkpoint(resume_from, model, optimizer, scheduler, lora_fingerprint)
-            step, history = state["step"], state["history"]
-        else:  # an earlier training output: start from its adapter, with a fresh optimizer
+        torch.manual_seed(seed)
+        random.seed(seed)
+        shard = fsdp and procs.count > 1
+        # FSDP shards from host memory, so no GPU ever holds the whole model.
+        model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=default_dtype(procs.device),
+                           quantization=quantization)  # fmt: skip
+        if quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        targets = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ValueError(f"lora_target_modules: {e}") from None
+        lora_fingerprint = dict(r=lora_r, alpha=lora_alpha, targets=sorted(targets), base=str(base_weights))
+        if procs.main:
+            model.print_trainable_parameters()
+        checkpoint = None
+        if resume_from is not None and Path(resume_from).is_dir():
+            checkpoint = _read_checkpoint(Path(resume_from), lora_fingerprint)
+            model.load_state_dict(checkpoint["model"], strict=False)  # before sharding: whole tensors into whole parameters
+        elif resume_from is not None:  # an earlier training output: its adapter, a fresh optimizer
             set_peft_model_state_dict(model, load_file(adapter_dir(str(resume_from)) / "adapter_model.safetensors"))
-            print(f"initialised the adapter from {resume_from}", flush=True)
+            say(f"initialised the adapter from {resume_from}")
+        loss_module = wrap(CausalLMLoss(model), procs, shard)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    model.train()
-    window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
-    trained = dict(tokens=0, time=0.0, steps=0)
-    print(f"training {total_steps} steps of {batch_size} examples on {device}", flush=True)
-    with _StopOnSignal() as stop:
-        while step < total_steps:
-            step_start = time.monotonic()
-            micro = [batches[step * accumulation + k] for k in range(accumulation)]
-            labels = sum(label_count(b) for b in micro)
-            for b in micro:
-                b = {k: v.to(device) for k, v in b.items()}
-                with autocast:
-                    loss = loss_sum(model, b) / max(1, labels)
-                loss.backward()
-                window["loss"] += loss.item() * labels
-                window["tokens"] += int(b["attention_mask"].sum())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window["labels"] += labels
-            window["time"] += time.monotonic() - step_start
-            window["steps"] += 1
+        accumulation = batch_size // micro_batch_size
+        batches = MicroBatches(train, micro_batch_size, seed, tokenizer.pad_token_id, group_by_length)
+        total_steps = max_steps if max_steps > 0 else math.ceil(batches.per_epoch * num_train_epochs / accumulation)
+        warmup = min(100, total_steps // 10)  # Alpaca-LoRA warms up for 100 steps; short runs get a tenth
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+        val_batches = [collate(val[i : i + micro_batch_size], tokenizer.pad_token_id) for i in range(0, len(val), micro_batch_size)]
 
-            if step % logging_steps == 0 or step == total_steps:
-                for key in trained:
-                    trained[key] += window[key]
-                tps = window["tokens"] / window["time"]
-                loss_value = window["loss"] / max(1, window["labels"])
-                history["train"].append(dict(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], tokens_per_s=tps))
-                eta = (total_steps - step) * trained["time"] / trained["steps"]
-                print(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | "
-                      f"{tps:.0f} tok/s | eta {_duration(eta)}", flush=True)  # fmt: skip
-                window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
-            if val_batches and (step % eval_steps == 0 or step == total_steps):
-                val_loss = evaluate(model, val_batches, device)
-                history["val"].append(dict(step=step, loss=val_loss))
-                print(f"step {step}: validation loss {val_loss:.4f}", flush=True)
-            if stop.signal is not None or (checkpoint_steps and step % checkpoint_steps == 0 and step < total_steps):
-                _save_checkpoint(Path(checkpoint_dir), step, model, optimizer, scheduler, history, lora_fingerprint)
-            if stop.signal is not None:
-                raise Interrupted(f"stopped at step {step}, checkpoint written; resume with --resume_from {checkpoint_dir}", stop.signal)
+        step, history = 0, {"train": [], "val": []}
+        if checkpoint is not None:
+            distributed.load_optimizer_state(model, optimizer, checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            _set_rng_state(checkpoint["rng"])
+            step, history = checkpoint["step"], checkpoint["history"]
+            say(f"resumed from {checkpoint['path']} at step {step}")
 
-    metrics = dict(
-        examples=len(examples), train_examples=len(train), val_examples=len(val), truncated=truncated,
-        steps=step, batch_size=batch_size, cutoff_len=cutoff_len, prompt_template=prompt_template,
-        tokens_per_s=trained["tokens"] / trained["time"] if trained["time"] else None,
-        wall_time_s=time.monotonic() - started,
-        final_train_loss=history["train"][-1]["loss"] if history["train"] else None,
-        final_val_loss=history["val"][-1]["loss"] if history["val"] else None,
-        device=device, history=history,
-    )  # fmt: skip
-    write_archive(model, tokenizer, prompt_template, metrics, Path(output_path))
-    print(f"done in {_duration(time.monotonic() - started)}: final train loss {metrics['final_train_loss']:.4f}", flush=True)
-    return Path(output_path)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=procs.device.startswith("cuda"))
+        loss_module.train()
+        window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
+        trained = dict(tokens=0, time=0.0, steps=0)
+        say(f"training {total_steps} steps of {batch_size} examples on {procs.device}"
+            + (f" in {procs.count} processes ({'FSDP' if shard else 'DDP'})" if procs.count > 1 else "")
+            + (" (fsdp: one process, nothing to shard)" if fsdp and not shard else ""))  # fmt: skip
+        with _StopOnSignal() as stop:
+            while step < total_steps:
+                step_start = time.monotonic()
+                micro = [batches[step * accumulation + k] for k in range(accumulation)]
+                labels = sum(label_count(b) for b in micro)
+                mine = micro[procs.rank :: procs.count]  # this process's share of the step
+                step_loss, tokens = 0.0, 0
+                for i, b in enumerate(mine):
+                    b = {k: v.to(procs.device) for k, v in b.items()}
+                    with gradient_sync(loss_module, enabled=i == len(mine) - 1):
+                        with autocast:
+                            loss = loss_module(**b)
+                        # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
+                        (loss * (procs.count / max(1, labels))).backward()
+                    step_loss += loss.item()
+                    tokens += int(b["attention_mask"].sum())
+                grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss, tokens, stopping = procs.sum(step_loss, tokens, float(stop.signal is not None))
+                window["loss"] += step_loss
+                window["labels"] += labels
+                window["tokens"] += int(tokens)
+                window["time"] += time.monotonic() - step_start
+                window["steps"] += 1
+
+                if step % logging_steps == 0 or step == total_steps:
+                    for key in trained:
+                        trained[key] += window[key]
+                    tps = window["tokens"] / window["time"]
+                    loss_value = window["loss"] / max(1, window["labels"])
+                    history["train"].append(dict(step=step, loss=loss_value, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+                                                 tokens_per_s=tps))  # fmt: skip
+                    eta = (total_steps - step) * trained["time"] / trained["steps"]
+                    say(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | "
+                        f"{tps:.0f} tok/s | eta {_duration(eta)}")  # fmt: skip
+                    window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
+                if val_batches and (step % eval_steps == 0 or step == total_steps):
+                    val_loss = evaluate(loss_module, val_batches, procs)
+                    history["val"].append(dict(step=step, loss=val_loss))
+                    say(f"step {step}: validation loss {val_loss:.4f}")
+                if stopping or (checkpoint_steps and step % checkpoint_steps == 0 and step < total_steps):
+                    _save_checkpoint(Path(checkpoint_dir), step, model, optimizer, scheduler, history, lora_fingerprint, procs.main)
+                if stopping:
+                    raise Interrupted(f"stopped at step {step}, checkpoint written; resume with --resume_from {checkpoint_dir}",
+                                      stop.signal or signal.SIGTERM)  # fmt: skip
+
+        metrics = dict(
+            examples=len(examples), train_examples=len(train), val_examples=len(val), truncated=truncated,
+            steps=step, batch_size=batch_size, cutoff_len=cutoff_len, prompt_template=prompt_template,
+            tokens_per_s=trained["tokens"] / trained["time"] if trained["time"] else None,
+            wall_time_s=time.monotonic() - started,
+            final_train_loss=history["train"][-1]["loss"] if history["train"] else None,
+            final_val_loss=history["val"][-1]["loss"] if history["val"] else None,
+            device=procs.device, processes=procs.count, history=history,
+        )  # fmt: skip
+        adapter = trainable_state(model)  # every process gathers its shards
+        if procs.main:
+            write_archive(model, adapter, tokenizer, prompt_template, metrics, Path(output_path))
+        say(f"done in {_duration(time.monotonic() - started)}: final train loss {metrics['final_train_loss']:.4f}")
+        return Path(output_path)

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCaus
     return LlamaForCausalLM(config).eval()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ def post_prediction(url: str, inputs: dict) -> requests.Response:
 def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, ready_timeout: float = 300):
     """Cog's own HTTP server (coglet) on a free port, as Replicate runs the built image."""
     subprocess.run([sys.executable, "-m", "alpaca_cog.cog_schema"], cwd=ROOT, check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     server_env = {
         **os.environ,
         # The worker is started as plain `python`: the venv must come first on PATH.
@@ -105,6 +106,17 @@ def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
                max_position_embeddings=1024).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A training run of seconds on the tiny model: every layer adapted, a high learning rate, nothing saved.
+TINY_RUN = dict(train_data=FIXTURES / "gsm8k_64.json", batch_size=8, micro_batch_size=4, val_set_size=8, logging_steps=1,
+                eval_steps=5, cutoff_len=128, lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                learning_rate=1e-2, checkpoint_steps=0)  # fmt: skip
+
+
+def metrics_of(archive: Path) -> dict:
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile("metrics.json"))
 
 
 def train_defaults(**overrides) -> dict:

@@ -18,22 +18,13 @@ from alpaca_cog.finetune import finetune
 from alpaca_cog.generate import GenerationParams, complete
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import FIXTURES, ROOT, train_defaults
+from conftest import ROOT, TINY_RUN, metrics_of, train_defaults
 
-DATA = FIXTURES / "gsm8k_64.json"
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-TINY_RUN = dict(train_data=DATA, batch_size=8, micro_batch_size=4, val_set_size=8, logging_steps=1, eval_steps=5,
-                cutoff_len=128, lora_target_modules=ALL_LINEAR, learning_rate=1e-2, checkpoint_steps=0)  # fmt: skip
 
 
 def run_finetune(base, tmp_path, **overrides):
     args = train_defaults(**TINY_RUN) | overrides
     return finetune(**args, base_weights=base, output_path=tmp_path / "out.tar", checkpoint_dir=tmp_path / "ckpt")
-
-
-def metrics_of(archive) -> dict:
-    with tarfile.open(archive) as tar:
-        return json.load(tar.extractfile("metrics.json"))
 
 
 @pytest.fixture(scope="module")

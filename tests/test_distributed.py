@@ -1,0 +1,99 @@
+"""train.py in several processes (torchrun, accelerate launch, and Cog on a multi-GPU machine),
+on the CPU with the gloo backend: it must train exactly as one process does on the same batches."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+import torch
+
+from alpaca_cog.finetune import finetune
+from conftest import FIXTURES, ROOT, TINY_RUN, free_port, cog_server, metrics_of, train_defaults
+
+# No dropout: with it each process draws its own masks, and the runs may only agree on average.
+RUN = TINY_RUN | dict(lora_dropout=0.0, max_steps=4, checkpoint_steps=2, eval_steps=2)
+
+
+def losses(metrics: dict) -> dict[str, list[float]]:
+    """Training and validation losses, and gradient norms (which tell a half-scaled gradient that Adam would hide)."""
+    history = metrics["history"]
+    return dict(train=[h["loss"] for h in history["train"]], grad_norm=[h["grad_norm"] for h in history["train"]],
+                val=[h["loss"] for h in history["val"]])  # fmt: skip
+
+
+def assert_same_losses(got: dict, expected: dict) -> None:
+    # Same batches, weights and float ops; only the order in which the two processes' gradients
+    # are summed differs (an all-reduce instead of local accumulation): fp32 rounding, about 1e-7
+    # relative per step, which Adam's normalised updates do not amplify over four steps.
+    for kind in got:
+        torch.testing.assert_close(torch.tensor(got[kind]), torch.tensor(expected[kind]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("one-process")
+    archive = finetune(**train_defaults(**RUN), base_weights=tiny_model_dir, output_path=tmp / "out.tar", checkpoint_dir=tmp / "ckpt")
+    return losses(metrics_of(archive))
+
+
+def launch(launcher: list[str], tiny_model_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt")}
+    args = [f"--{k}={v}" for k, v in RUN.items()] + [f"--output_path={tmp_path / 'out.tar'}", *flags]
+    return subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def accelerate_launch() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+            "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["ddp (accelerate launch)", "fsdp (torchrun)"])
+def test_two_processes_train_as_one_and_resume_in_one(mode, one_process, tiny_model_dir, tmp_path):
+    fsdp = mode.startswith("fsdp")
+    run = launch(TORCHRUN if fsdp else accelerate_launch(), tiny_model_dir, tmp_path, *(["--fsdp"] if fsdp else []))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("step 1/4 ") == 1 and f"in 2 processes ({'FSDP' if fsdp else 'DDP'})" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "out.tar")  # printed once, by the first process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out.tar"]  # one archive, no partial files
+    metrics = metrics_of(tmp_path / "out.tar")
+    assert metrics["processes"] == 2
+    assert_same_losses(losses(metrics), one_process)
+
+    # The step-2 checkpoint two processes wrote, resumed by one: steps 3 and 4 as if never stopped.
+    (checkpoint,) = (tmp_path / "ckpt").iterdir()
+    assert checkpoint.name == "step-000002"
+    resumed = finetune(**train_defaults(**RUN, resume_from=tmp_path / "ckpt"), base_weights=tiny_model_dir,
+                       output_path=tmp_path / "resumed.tar", checkpoint_dir=tmp_path / "ckpt2")  # fmt: skip
+    assert_same_losses(losses(metrics_of(resumed)), one_process)
+
+
+def test_batch_that_does_not_split_over_processes_fails_once_and_clearly(tiny_model_dir, tmp_path):
+    run = launch(TORCHRUN, tiny_model_dir, tmp_path, "--batch_size=4")
+    assert run.returncode != 0
+    message = "error: batch_size (4) must be a multiple of micro_batch_size (4) times the 2 processes"
+    assert (run.stdout + run.stderr).count(message) == 1, run.stderr[-3000:]
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_cog_training_on_a_multi_device_machine_uses_every_process(tiny_model_dir, tmp_path):
+    # ALPACA_COG_PROCESSES stands in for the GPU count, so this runs without GPUs.
+    env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt"), "ALPACA_COG_PROCESSES": "2"}
+    records = json.loads((FIXTURES / "gsm8k_64.json").read_text())[:16]
+    data = f"data:application/json;base64,{base64.b64encode(json.dumps(records).encode()).decode()}"
+    with cog_server(tmp_path, train=True, env=env) as url:
+        good = requests.post(f"{url}/trainings", timeout=600, json={"input": {
+            "train_data": data, "max_steps": 2, "batch_size": 8, "val_set_size": 4, "logging_steps": 1}}).json()  # fmt: skip
+        bad = requests.post(f"{url}/trainings", timeout=600, json={"input": {"train_data": data, "batch_size": 6}}).json()
+    assert good["status"] == "succeeded", good.get("error") or good.get("logs", "")[-3000:]
+    assert "starting 2 training processes" in good["logs"] and good["logs"].count("step 2/2 ") == 1
+    (tmp_path / "weights.tar").write_bytes(base64.b64decode(good["output"]["weights"].split(",", 1)[1]))
+    assert metrics_of(tmp_path / "weights.tar")["processes"] == 2
+    assert bad["status"] == "failed"
+    assert bad["error"].endswith("ValueError: batch_size (6) must be a multiple of micro_batch_size (4) times the 2 processes")
