@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .archive import adapter_dir
 from .data import IGNORE_INDEX, collate, load_examples, tokenize
-from . import distributed
-from .distributed import Processes, gradient_sync, processes, trainable_state, whole, wrap
+from .distributed import (Processes, gradient_sync, load_optimizer_state, optimizer_state, processes, trainable_state,
+                          whole, wrap)  # fmt: skip
 from .model import Quantization, default_dtype, load_model, load_tokenizer
 from .outputs import atomic_dir, atomic_file
 from .prompts import build_prompt
@@ -141,12 +141,12 @@ def _read_checkpoint(path: Path, lora_fingerprint: dict) -> dict:
 
 
 def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: dict, lora_fingerprint: dict, main: bool) -> None:
-    weights, optimizer_state = trainable_state(model), distributed.optimizer_state(model, optimizer)  # every process gathers
+    weights, optimizer_saved = trainable_state(model), optimizer_state(model, optimizer)  # every process gathers
     if not main:
         return
     with atomic_dir(root / f"step-{step:06d}", force=True) as tmp:
         model.save_pretrained(tmp, state_dict=weights)  # a PEFT adapter, loadable on its own
-        state = dict(step=step, model=weights, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+        state = dict(step=step, model=weights, optimizer=optimizer_saved, scheduler=scheduler.state_dict(),
                      history=history, rng=_rng_state(), lora=lora_fingerprint)  # fmt: skip
         torch.save(state, tmp / STATE_FILE)
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
@@ -366,7 +366,7 @@ def finetune(
 
         step, history = 0, {"train": [], "val": []}
         if checkpoint is not None:
-            distributed.load_optimizer_state(model, optimizer, checkpoint["optimizer"])
+            load_optimizer_state(model, optimizer, checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             _set_rng_state(checkpoint["rng"])
             step, history = checkpoint["step"], checkpoint["history"]
