@@ -76,23 +76,17 @@ def wrap(model: torch.nn.Module, procs: Processes, shard: bool) -> torch.nn.Modu
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[torch.device(procs.device).index] if procs.device != "cpu" else None)
-    from peft.tuners.lora import LoraLayer
     from torch.distributed.fsdp import fully_shard
 
-    for module in model.modules():
-        if isinstance(module, LoraLayer):  # fp32 adapters apart from the (bf16) layer: FSDP shards one dtype per group
-            for linear in [*module.lora_A.values(), *module.lora_B.values()]:
-                fully_shard(linear)
-    for layer in _decoder_layers(model):
+    for layer in _decoder_layers(model):  # a bf16 layer and its fp32 adapters share a group: FSDP2 gathers mixed dtypes
         fully_shard(layer)
     fully_shard(model)  # the rest: embeddings, final norm, output layer
     return model
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    names = set(getattr(model, "_no_split_modules", None) or ["LlamaDecoderLayer"])
-    for module in model.modules():
-        names |= set(getattr(module, "_no_split_modules", None) or [])
+    """The blocks transformers declares unsplittable (LlamaDecoderLayer): one FSDP group each."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
