@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -82,6 +85,19 @@ def test_batch_that_does_not_split_over_processes_fails_once_and_clearly(tiny_mo
     assert not (tmp_path / "out.tar").exists()
 
 
+def training_processes(checkpoints: Path) -> list[psutil.Process]:
+    """The processes started for the trainings of this test (told apart by their checkpoint folder)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            ours = proc.environ().get("ALPACA_COG_CHECKPOINTS") == str(checkpoints)
+            if ours and any(arg.endswith("train.py") for arg in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_cog_training_on_a_multi_device_machine_uses_every_process(tiny_model_dir, tmp_path):
     # ALPACA_COG_PROCESSES stands in for the GPU count, so this runs without GPUs.
     env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt"), "ALPACA_COG_PROCESSES": "2"}
@@ -91,6 +107,16 @@ def test_cog_training_on_a_multi_device_machine_uses_every_process(tiny_model_di
         good = requests.post(f"{url}/trainings", timeout=600, json={"input": {
             "train_data": data, "max_steps": 2, "batch_size": 8, "val_set_size": 4, "logging_steps": 1}}).json()  # fmt: skip
         bad = requests.post(f"{url}/trainings", timeout=600, json={"input": {"train_data": data, "batch_size": 6}}).json()
+        # A cancelled training stops its processes (they checkpoint first): none is left holding the GPUs.
+        long = {"input": {"train_data": data, "max_steps": 10000, "batch_size": 8, "val_set_size": 0}}
+        assert requests.put(f"{url}/trainings/long", json=long, headers={"Prefer": "respond-async"}, timeout=30).status_code == 202
+        deadline = time.monotonic() + 120
+        while len(training_processes(tmp_path / "ckpt")) < 3:  # torchrun and its 2 workers
+            assert time.monotonic() < deadline, "training processes did not start"
+            time.sleep(0.5)
+        assert requests.post(f"{url}/trainings/long/cancel", timeout=30).status_code == 200
+        _, alive = psutil.wait_procs(training_processes(tmp_path / "ckpt"), timeout=60)
+        assert not alive, alive
     assert good["status"] == "succeeded", good.get("error") or good.get("logs", "")[-3000:]
     assert "starting 2 training processes" in good["logs"] and good["logs"].count("step 2/2 ") == 1
     (tmp_path / "weights.tar").write_bytes(base64.b64decode(good["output"]["weights"].split(",", 1)[1]))
