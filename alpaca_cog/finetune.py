@@ -121,15 +121,16 @@ def latest_checkpoint(path: Path) -> Path:
     return steps[-1]
 
 
-# Checkpoints hold the trainable weights and the optimizer state whole and keyed by parameter name,
-# so that any number of processes, DDP or FSDP, can resume them.
+# Checkpoints hold the adapter (as PEFT saves it) and the optimizer state whole and keyed by
+# parameter name, so that any number of processes, DDP or FSDP, can resume them.
 def _read_checkpoint(path: Path, lora_fingerprint: dict) -> dict:
     path = latest_checkpoint(path)
     try:
         state = torch.load(path / STATE_FILE, weights_only=True)
-        missing = {"step", "model", "optimizer", "scheduler", "history", "rng", "lora"} - set(state)
+        missing = {"step", "optimizer", "scheduler", "history", "rng", "lora"} - set(state)
         if missing:
             raise KeyError(f"no {', '.join(sorted(missing))}")
+        state["adapter"] = load_file(path / "adapter_model.safetensors")
     except FileNotFoundError as e:
         raise ValueError(f"resume_from: {path} is not a training checkpoint ({Path(e.filename).name} missing)") from None
     except Exception as e:  # truncated or foreign files: never start over silently
@@ -146,7 +147,7 @@ def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history
         return
     with atomic_dir(root / f"step-{step:06d}", force=True) as tmp:
         model.save_pretrained(tmp, state_dict=weights)  # a PEFT adapter, loadable on its own
-        state = dict(step=step, model=weights, optimizer=optimizer_saved, scheduler=scheduler.state_dict(),
+        state = dict(step=step, optimizer=optimizer_saved, scheduler=scheduler.state_dict(),
                      history=history, rng=_rng_state(), lora=lora_fingerprint)  # fmt: skip
         torch.save(state, tmp / STATE_FILE)
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
@@ -347,12 +348,14 @@ def finetune(
         if procs.main:
             model.print_trainable_parameters()
         checkpoint = None
-        if resume_from is not None and Path(resume_from).is_dir():
-            checkpoint = _read_checkpoint(Path(resume_from), lora_fingerprint)
-            model.load_state_dict(checkpoint["model"], strict=False)  # before sharding: whole tensors into whole parameters
-        elif resume_from is not None:  # an earlier training output: its adapter, a fresh optimizer
-            set_peft_model_state_dict(model, load_file(adapter_dir(str(resume_from)) / "adapter_model.safetensors"))
-            say(f"initialised the adapter from {resume_from}")
+        if resume_from is not None:  # a checkpoint folder, or an earlier training output (its adapter, a fresh optimizer)
+            if Path(resume_from).is_dir():
+                checkpoint = _read_checkpoint(Path(resume_from), lora_fingerprint)
+                adapter = checkpoint["adapter"]
+            else:
+                adapter = load_file(adapter_dir(str(resume_from)) / "adapter_model.safetensors")
+                say(f"initialised the adapter from {resume_from}")
+            set_peft_model_state_dict(model, adapter)  # before sharding: whole tensors into whole parameters
         loss_module = wrap(CausalLMLoss(model), procs, shard)
 
         accumulation = batch_size // micro_batch_size
