@@ -1,3 +1,4 @@
+import base64
 import json
 import os
 import socket
@@ -41,6 +42,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def data_uri(records: list, mime: str = "application/json") -> str:
+    """Records as a data: URI, the way a client sends a file input to Cog's server."""
+    return f"data:{mime};base64,{base64.b64encode(json.dumps(records).encode()).decode()}"
 
 
 def post_prediction(url: str, inputs: dict) -> requests.Response:

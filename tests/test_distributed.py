@@ -15,7 +15,7 @@ import requests
 import torch
 
 from alpaca_cog.finetune import finetune
-from conftest import FIXTURES, ROOT, TINY_RUN, free_port, cog_server, metrics_of, train_defaults
+from conftest import FIXTURES, ROOT, TINY_RUN, cog_server, data_uri, free_port, metrics_of, train_defaults
 
 # No dropout: with it each process draws its own masks, and the runs may only agree on average.
 RUN = TINY_RUN | dict(lora_dropout=0.0, max_steps=4, checkpoint_steps=2, eval_steps=2)
@@ -102,7 +102,7 @@ def test_cog_training_on_a_multi_device_machine_uses_every_process(tiny_model_di
     # ALPACA_COG_PROCESSES stands in for the GPU count, so this runs without GPUs.
     env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt"), "ALPACA_COG_PROCESSES": "2"}
     records = json.loads((FIXTURES / "gsm8k_64.json").read_text())[:16]
-    data = f"data:application/json;base64,{base64.b64encode(json.dumps(records).encode()).decode()}"
+    data = data_uri(records)
     with cog_server(tmp_path, train=True, env=env) as url:
         good = requests.post(f"{url}/trainings", timeout=600, json={"input": {
             "train_data": data, "max_steps": 2, "batch_size": 8, "val_set_size": 4, "logging_steps": 1}}).json()  # fmt: skip

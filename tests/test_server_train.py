@@ -12,13 +12,9 @@ from alpaca_cog.archive import adapter_dir
 from alpaca_cog.generate import GenerationParams, complete
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import FIXTURES, cog_server
+from conftest import FIXTURES, cog_server, data_uri
 
 PROMPT = "What is 7 times 6?"
-
-
-def data_uri(records: list, mime: str = "application/json") -> str:
-    return f"data:{mime};base64,{base64.b64encode(json.dumps(records).encode()).decode()}"
 
 
 @pytest.fixture(scope="module")
