@@ -49,10 +49,11 @@ def data_uri(records: list, mime: str = "application/json") -> str:
     return f"data:{mime};base64,{base64.b64encode(json.dumps(records).encode()).decode()}"
 
 
-def post_prediction(url: str, inputs: dict) -> requests.Response:
-    """POST a prediction; a 409 right after the previous one finished (its slot not yet freed) is retried."""
+def submit(url: str, inputs: dict, method: str = "POST", timeout: float = 300, **kwargs) -> requests.Response:
+    """Send inputs to a Cog endpoint (.../predictions, .../trainings). Cog frees its one slot a moment
+    after answering, so a 409 right after the previous job finished is retried."""
     for _ in range(50):
-        response = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=300)
+        response = requests.request(method, url, json={"input": inputs}, timeout=timeout, **kwargs)
         if response.status_code != 409:
             break
         time.sleep(0.1)

@@ -9,7 +9,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cog_server, post_prediction
+from conftest import cog_server, submit
 
 UNICODE_PROMPTS = ["Translate: 東京は日本の首都です", "Explain 🦙🦙 in one word", "tab\tand\x07bell\x1b[31m", "e\u0301\u200b\ufeff"]
 
@@ -22,7 +22,7 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
 
 
 def post(url, body):
-    return post_prediction(url, body["input"])
+    return submit(f"{url}/predictions", body["input"])
 
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),

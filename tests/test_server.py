@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import cog_server, post_prediction
+from conftest import cog_server, submit
 
 DOCUMENTED_INPUTS = {
     "prompt": None,
@@ -28,7 +28,7 @@ def server(weights_dir, tmp_path_factory):
 
 
 def predict(server, **inputs) -> requests.Response:
-    return post_prediction(server, inputs)
+    return submit(f"{server}/predictions", inputs)
 
 
 def test_health_check_ready(server):

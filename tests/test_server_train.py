@@ -6,13 +6,12 @@ import json
 import tarfile
 
 import pytest
-import requests
 
 from alpaca_cog.archive import adapter_dir
 from alpaca_cog.generate import GenerationParams, complete
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import FIXTURES, cog_server, data_uri
+from conftest import FIXTURES, cog_server, data_uri, submit
 
 PROMPT = "What is 7 times 6?"
 
@@ -23,11 +22,11 @@ def trained(tiny_model_dir, tmp_path_factory):
     env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp / "ckpt")}
     records = json.loads((FIXTURES / "gsm8k_64.json").read_text())[:16]
     with cog_server(tmp, train=True, env=env) as url:
-        good = requests.post(f"{url}/trainings", timeout=600, json={"input": {
+        good = submit(f"{url}/trainings", timeout=600, inputs={
             "train_data": data_uri(records), "max_steps": 3, "batch_size": 4, "val_set_size": 4,
-            "learning_rate": 1e-2, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj", "logging_steps": 1}})  # fmt: skip
-        bad = requests.post(f"{url}/trainings", timeout=600, json={"input": {"train_data": data_uri([{"instruction": "x"}])}})
-        missing = requests.post(f"{url}/trainings", timeout=60, json={"input": {"max_steps": 2}})
+            "learning_rate": 1e-2, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj", "logging_steps": 1})  # fmt: skip
+        bad = submit(f"{url}/trainings", {"train_data": data_uri([{"instruction": "x"}])}, timeout=600)
+        missing = submit(f"{url}/trainings", {"max_steps": 2}, timeout=60)
     return tmp, good, bad, missing
 
 
@@ -63,7 +62,6 @@ def test_predictions_use_the_trained_adapter(trained, tiny_model_dir):
     assert expected != base  # precondition: the adapter changes the greedy answer
     env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "COG_WEIGHTS": str(weights)}
     with cog_server(tmp, env=env) as url:
-        body = requests.post(f"{url}/predictions", timeout=120,
-                             json={"input": {"prompt": PROMPT, "temperature": 0, "max_tokens": 8}}).json()  # fmt: skip
+        body = submit(f"{url}/predictions", {"prompt": PROMPT, "temperature": 0, "max_tokens": 8}, timeout=120).json()
     assert body["status"] == "succeeded", body
     assert "".join(body["output"]) == expected
