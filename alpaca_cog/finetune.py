@@ -382,54 +382,59 @@ def finetune(
         say(f"training {total_steps} steps of {batch_size} examples on {procs.device}"
             + (f" in {procs.count} processes ({'FSDP' if shard else 'DDP'})" if procs.count > 1 else "")
             + (" (fsdp: one process, nothing to shard)" if fsdp and not shard else ""))  # fmt: skip
-        with _StopOnSignal() as stop:
-            while step < total_steps:
-                step_start = time.monotonic()
-                micro = [batches[step * accumulation + k] for k in range(accumulation)]
-                labels = sum(label_count(b) for b in micro)
-                mine = micro[procs.rank :: procs.count]  # this process's share of the step
-                step_loss, tokens = 0.0, 0
-                for i, b in enumerate(mine):
-                    b = {k: v.to(procs.device) for k, v in b.items()}
-                    with gradient_sync(loss_module, enabled=i == len(mine) - 1):
-                        with autocast:
-                            loss = loss_module(**b)
-                        # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
-                        (loss * (procs.count / max(1, labels))).backward()
-                    step_loss += loss.item()
-                    tokens += int(b["attention_mask"].sum())
-                grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_loss, tokens, stopping = procs.sum(step_loss, tokens, float(stop.signal is not None))
-                window["loss"] += step_loss
-                window["labels"] += labels
-                window["tokens"] += int(tokens)
-                window["time"] += time.monotonic() - step_start
-                window["steps"] += 1
+        try:
+            with _StopOnSignal() as stop:
+                while step < total_steps:
+                    step_start = time.monotonic()
+                    micro = [batches[step * accumulation + k] for k in range(accumulation)]
+                    labels = sum(label_count(b) for b in micro)
+                    mine = micro[procs.rank :: procs.count]  # this process's share of the step
+                    step_loss, tokens = 0.0, 0
+                    for i, b in enumerate(mine):
+                        b = {k: v.to(procs.device) for k, v in b.items()}
+                        with gradient_sync(loss_module, enabled=i == len(mine) - 1):
+                            with autocast:
+                                loss = loss_module(**b)
+                            # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
+                            (loss * (procs.count / max(1, labels))).backward()
+                        step_loss += loss.item()
+                        tokens += int(b["attention_mask"].sum())
+                    grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    step_loss, tokens, stopping = procs.sum(step_loss, tokens, float(stop.signal is not None))
+                    window["loss"] += step_loss
+                    window["labels"] += labels
+                    window["tokens"] += int(tokens)
+                    window["time"] += time.monotonic() - step_start
+                    window["steps"] += 1
 
-                if step % logging_steps == 0 or step == total_steps:
-                    for key in trained:
-                        trained[key] += window[key]
-                    tps = window["tokens"] / window["time"]
-                    loss_value = window["loss"] / max(1, window["labels"])
-                    history["train"].append(dict(step=step, loss=loss_value, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
-                                                 tokens_per_s=tps))  # fmt: skip
-                    eta = (total_steps - step) * trained["time"] / trained["steps"]
-                    say(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | "
-                        f"{tps:.0f} tok/s | eta {_duration(eta)}")  # fmt: skip
-                    window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
-                if val_batches and (step % eval_steps == 0 or step == total_steps):
-                    val_loss = evaluate(loss_module, val_batches, procs)
-                    history["val"].append(dict(step=step, loss=val_loss))
-                    say(f"step {step}: validation loss {val_loss:.4f}")
-                if stopping or (checkpoint_steps and step % checkpoint_steps == 0 and step < total_steps):
-                    _save_checkpoint(Path(checkpoint_dir), step, model, optimizer, scheduler, history, lora_fingerprint, procs.main)
-                if stopping:
-                    raise Interrupted(f"stopped at step {step}, checkpoint written; resume with --resume_from {checkpoint_dir}",
-                                      stop.signal or signal.SIGTERM)  # fmt: skip
+                    if step % logging_steps == 0 or step == total_steps:
+                        for key in trained:
+                            trained[key] += window[key]
+                        tps = window["tokens"] / window["time"]
+                        loss_value = window["loss"] / max(1, window["labels"])
+                        history["train"].append(dict(step=step, loss=loss_value, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+                                                     tokens_per_s=tps))  # fmt: skip
+                        eta = (total_steps - step) * trained["time"] / trained["steps"]
+                        say(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | "
+                            f"{tps:.0f} tok/s | eta {_duration(eta)}")  # fmt: skip
+                        window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
+                    if val_batches and (step % eval_steps == 0 or step == total_steps):
+                        val_loss = evaluate(loss_module, val_batches, procs)
+                        history["val"].append(dict(step=step, loss=val_loss))
+                        say(f"step {step}: validation loss {val_loss:.4f}")
+                    if stopping or (checkpoint_steps and step % checkpoint_steps == 0 and step < total_steps):
+                        _save_checkpoint(Path(checkpoint_dir), step, model, optimizer, scheduler, history, lora_fingerprint, procs.main)
+                    if stopping:
+                        raise Interrupted(f"stopped at step {step}, checkpoint written; resume with --resume_from {checkpoint_dir}",
+                                          stop.signal or signal.SIGTERM)  # fmt: skip
+        finally:
+            # DDP's reducer holds the process group from C++: freed after the group is destroyed, it would join
+            # gloo's threads with the GIL held while one of them waits for the GIL (pytorch#56297), a hang at exit.
+            del loss_module
 
         metrics = dict(
             examples=len(examples), train_examples=len(train), val_examples=len(val), truncated=truncated,

@@ -15,7 +15,7 @@ import requests
 import torch
 
 from alpaca_cog.finetune import finetune
-from conftest import FIXTURES, ROOT, TINY_RUN, cog_server, data_uri, free_port, metrics_of, train_defaults
+from conftest import FIXTURES, ROOT, TINY_RUN, cog_server, data_uri, free_port, metrics_of, submit, train_defaults
 
 # No dropout: with it each process draws its own masks, and the runs may only agree on average.
 RUN = TINY_RUN | dict(lora_dropout=0.0, max_steps=4, checkpoint_steps=2, eval_steps=2)
@@ -46,7 +46,7 @@ def one_process(tiny_model_dir, tmp_path_factory) -> dict:
 def launch(launcher: list[str], tiny_model_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt")}
     args = [f"--{k}={v}" for k, v in RUN.items()] + [f"--output_path={tmp_path / 'out.tar'}", *flags]
-    return subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -104,12 +104,12 @@ def test_cog_training_on_a_multi_device_machine_uses_every_process(tiny_model_di
     records = json.loads((FIXTURES / "gsm8k_64.json").read_text())[:16]
     data = data_uri(records)
     with cog_server(tmp_path, train=True, env=env) as url:
-        good = requests.post(f"{url}/trainings", timeout=600, json={"input": {
-            "train_data": data, "max_steps": 2, "batch_size": 8, "val_set_size": 4, "logging_steps": 1}}).json()  # fmt: skip
-        bad = requests.post(f"{url}/trainings", timeout=600, json={"input": {"train_data": data, "batch_size": 6}}).json()
+        good = submit(f"{url}/trainings", {"train_data": data, "max_steps": 2, "batch_size": 8, "val_set_size": 4, "logging_steps": 1},
+                      timeout=600).json()  # fmt: skip
+        bad = submit(f"{url}/trainings", {"train_data": data, "batch_size": 6}, timeout=600).json()
         # A cancelled training stops its processes (they checkpoint first): none is left holding the GPUs.
-        long = {"input": {"train_data": data, "max_steps": 10000, "batch_size": 8, "val_set_size": 0}}
-        assert requests.put(f"{url}/trainings/long", json=long, headers={"Prefer": "respond-async"}, timeout=30).status_code == 202
+        long = {"train_data": data, "max_steps": 10000, "batch_size": 8, "val_set_size": 0}
+        assert submit(f"{url}/trainings/long", long, "PUT", headers={"Prefer": "respond-async"}, timeout=30).status_code == 202
         deadline = time.monotonic() + 120
         while len(training_processes(tmp_path / "ckpt")) < 3:  # torchrun and its 2 workers
             assert time.monotonic() < deadline, "training processes did not start"
