@@ -46,7 +46,15 @@ def one_process(tiny_model_dir, tmp_path_factory) -> dict:
 def launch(launcher: list[str], tiny_model_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt")}
     args = [f"--{k}={v}" for k, v in RUN.items()] + [f"--output_path={tmp_path / 'out.tar'}", *flags]
-    return subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen([*launcher, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        for process in [*psutil.Process(proc.pid).children(recursive=True), proc]:  # a hung run leaves no worker behind
+            process.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"training did not finish in 300 s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
