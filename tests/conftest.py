@@ -132,3 +132,11 @@ def train_defaults(**overrides) -> dict:
     from train import train
 
     return defaults(train) | overrides
+
+
+def run_finetune(base: Path, out: Path, **overrides) -> Path:
+    """finetune() with train.py's defaults and TINY_RUN, writing out/out.tar and checkpoints to out/ckpt."""
+    from alpaca_cog.finetune import finetune
+
+    args = train_defaults(**TINY_RUN) | overrides
+    return finetune(**args, base_weights=base, output_path=out / "out.tar", checkpoint_dir=out / "ckpt")

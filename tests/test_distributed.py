@@ -14,8 +14,7 @@ import pytest
 import requests
 import torch
 
-from alpaca_cog.finetune import finetune
-from conftest import FIXTURES, ROOT, TINY_RUN, cog_server, data_uri, free_port, metrics_of, submit, train_defaults
+from conftest import FIXTURES, ROOT, TINY_RUN, cog_server, data_uri, free_port, metrics_of, run_finetune, submit
 
 # No dropout: with it each process draws its own masks, and the runs may only agree on average.
 RUN = TINY_RUN | dict(lora_dropout=0.0, max_steps=4, checkpoint_steps=2, eval_steps=2)
@@ -38,9 +37,7 @@ def assert_same_losses(got: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("one-process")
-    archive = finetune(**train_defaults(**RUN), base_weights=tiny_model_dir, output_path=tmp / "out.tar", checkpoint_dir=tmp / "ckpt")
-    return losses(metrics_of(archive))
+    return losses(metrics_of(run_finetune(tiny_model_dir, tmp_path_factory.mktemp("one-process"), **RUN)))
 
 
 def launch(launcher: list[str], tiny_model_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
@@ -80,8 +77,7 @@ def test_two_processes_train_as_one_and_resume_in_one(mode, one_process, tiny_mo
     # The step-2 checkpoint two processes wrote, resumed by one: steps 3 and 4 as if never stopped.
     (checkpoint,) = (tmp_path / "ckpt").iterdir()
     assert checkpoint.name == "step-000002"
-    resumed = finetune(**train_defaults(**RUN, resume_from=tmp_path / "ckpt"), base_weights=tiny_model_dir,
-                       output_path=tmp_path / "resumed.tar", checkpoint_dir=tmp_path / "ckpt2")  # fmt: skip
+    resumed = run_finetune(tiny_model_dir, tmp_path / "resumed", **RUN, resume_from=tmp_path / "ckpt")
     assert_same_losses(losses(metrics_of(resumed)), one_process)
 
 

@@ -18,13 +18,7 @@ from alpaca_cog.finetune import finetune
 from alpaca_cog.generate import GenerationParams, complete
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import ROOT, TINY_RUN, metrics_of, train_defaults
-
-
-
-def run_finetune(base, tmp_path, **overrides):
-    args = train_defaults(**TINY_RUN) | overrides
-    return finetune(**args, base_weights=base, output_path=tmp_path / "out.tar", checkpoint_dir=tmp_path / "ckpt")
+from conftest import ROOT, TINY_RUN, metrics_of, run_finetune, train_defaults
 
 
 @pytest.fixture(scope="module")
