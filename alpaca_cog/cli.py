@@ -54,7 +54,7 @@ def parser_for(fn: Callable, description: str | None = None) -> argparse.Argumen
     return parser
 
 
-def _read_config(path: pathlib.Path, fn: Callable, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _read_config(path: pathlib.Path, input_types: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Inputs from a YAML mapping, typed as the command line would type them; errors name the file and key."""
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -62,11 +62,10 @@ def _read_config(path: pathlib.Path, fn: Callable, parser: argparse.ArgumentPars
         parser.error(f"--config: cannot read {path}: {e}")
     if not isinstance(values, dict):
         parser.error(f"--config: {path} must hold a mapping of input names to values")
-    types_ = {name: tpe for name, tpe, *_ in input_fields(fn)}
     for key, value in values.items():
-        if key not in types_:
-            parser.error(f"--config: {path}: unknown input {key!r} (inputs: {', '.join(types_)})")
-        tpe = types_[key]
+        if key not in input_types:
+            parser.error(f"--config: {path}: unknown input {key!r} (inputs: {', '.join(input_types)})")
+        tpe = input_types[key]
         if value is None:
             continue
         if issubclass(tpe, pathlib.Path) and isinstance(value, str):
@@ -80,11 +79,12 @@ def _read_config(path: pathlib.Path, fn: Callable, parser: argparse.ArgumentPars
 
 def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse argv (and --config) and check the same bounds Cog's server checks; returns fn's keyword arguments only."""
+    fields = input_fields(fn)
     config = parser.parse_known_args(argv)[0].config
     if config is not None:
-        parser.set_defaults(**_read_config(config, fn, parser))
+        parser.set_defaults(**_read_config(config, {name: tpe for name, tpe, *_ in fields}, parser))
     args = vars(parser.parse_args(argv))
-    for name, _, info, required in input_fields(fn):
+    for name, _, info, required in fields:
         value = args[name]
         if value is None:
             if required:
@@ -100,7 +100,7 @@ def parse_inputs(fn: Callable, parser: argparse.ArgumentParser, argv: list[str] 
             parser.error(f"--{name}: {value!r} does not match {info.regex!r}")
         if info.choices is not None and value not in info.choices:  # a --config value skips argparse's own check
             parser.error(f"--{name}: {value!r} is not one of {info.choices}")
-    return {name: args[name] for name, *_ in input_fields(fn)}
+    return {name: args[name] for name, *_ in fields}
 
 
 def defaults(fn: Callable) -> dict[str, Any]:

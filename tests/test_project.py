@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 import torch
 import yaml
 
@@ -78,8 +79,6 @@ def test_weights_are_the_embedded_gguf_model_with_equal_logits(weights_dir):
 
 
 def test_command_line_checks_the_bounds_cog_checks(capsys):
-    import pytest
-
     from alpaca_cog.cli import parse_inputs, parser_for
     from predict import Predictor
 
@@ -93,8 +92,6 @@ def test_command_line_checks_the_bounds_cog_checks(capsys):
 
 
 def test_config_file_supplies_inputs_and_flags_override_it(tmp_path, capsys):
-    import pytest
-
     from alpaca_cog.cli import parse_inputs, parser_for
     from train import train
 
