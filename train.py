@@ -38,7 +38,6 @@ def train(
     lora_dropout: float = Input(description="Dropout on the LoRA path.", default=0.05, ge=0.0, le=0.9),
     lora_target_modules: str = Input(description="Comma-separated module names that get LoRA adapters.", default="q_proj,v_proj"),
     train_on_inputs: bool = Input(description="Also learn the prompt tokens (false: only the response).", default=True),
-    group_by_length: bool = Input(description="Batch examples of similar length together: less padding, faster.", default=True),
     prompt_template: str = Input(description="Prompt template, as in predict.py.", default="alpaca", choices=TEMPLATE_NAMES),
     quantization: str = Input(description="Load the base model in 8-bit or 4-bit (QLoRA) via bitsandbytes.", default="none", choices=["none", "8bit", "4bit"]),
     fsdp: bool = Input(description="With several GPUs, shard the model across them (FSDP) instead of copying it to each: for models one GPU cannot hold.", default=False),

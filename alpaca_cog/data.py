@@ -1,4 +1,4 @@
-"""Alpaca-format training data: loading with line-precise errors, tokenizing, batching."""
+"""Alpaca-format training data: loading with line-precise errors, tokenizing, packing."""
 
 import json
 from dataclasses import dataclass
@@ -93,16 +93,15 @@ def tokenize(example: Example, tokenizer, template: str, cutoff_len: int, train_
     return {"input_ids": ids, "labels": labels}, len(prompt_ids) + len(output_ids) > cutoff_len
 
 
-def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example (rounded up, for tensor-core friendly shapes)."""
-    longest = max(len(b["input_ids"]) for b in batch)
-    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def pack(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """A micro-batch as one row without padding: the examples end to end, positions restarting at each.
+
+    Each example's first label is masked so that no token learns to predict the next example's
+    start; with attention kept inside each example (finetune's packed attention), the loss is the
+    sum of the examples' losses run one by one.
+    """
+    return {
+        "input_ids": torch.tensor([[t for b in batch for t in b["input_ids"]]]),
+        "labels": torch.tensor([[t for b in batch for t in [IGNORE_INDEX, *b["labels"][1:]]]]),
+        "position_ids": torch.tensor([[p for b in batch for p in range(len(b["input_ids"]))]]),
+    }

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .archive import adapter_dir
-from .data import IGNORE_INDEX, collate, load_examples, tokenize
+from .data import IGNORE_INDEX, load_examples, pack, tokenize
 from .distributed import (Processes, gradient_sync, load_optimizer_state, optimizer_state, processes, trainable_state,
                           whole, wrap)  # fmt: skip
 from .model import Quantization, default_dtype, load_model, load_tokenizer
@@ -26,31 +27,71 @@ from .prompts import build_prompt
 STATE_FILE = "trainer_state.pt"
 
 
-CE_CHUNK = 1024  # positions per cross-entropy chunk
+CE_CHUNK = 256  # positions per cross-entropy chunk: 50 MB of fp32 logits with a 49K vocabulary
 MAX_GRAD_NORM = 1.0  # transformers Trainer's default, so Alpaca-LoRA's recipe clips at 1.0 too
+PACKED_ATTENTION = "packed_sdpa"
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
+def packed_attention(module, query, key, value, attention_mask, sequence_bounds: list[int] | None = None, **kwargs):
+    """transformers' SDPA attention run on each packed example alone: causal, never across examples, no padding."""
+    if sequence_bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    pieces = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+              for s, e in zip(sequence_bounds, sequence_bounds[1:])]  # fmt: skip
+    return torch.cat(pieces, dim=1), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (hidden @ weight.T) against labels, CE_CHUNK positions at a time.
+
+    Each chunk's gradient is taken as soon as its logits exist, so the (positions x vocabulary)
+    fp32 logits are never whole in memory, and never recomputed during backward: with a 49K
+    vocabulary they dominate training memory, and the output layer is a fifth of the FLOPs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        for i in range(0, len(labels), CE_CHUNK):
+            h, y = hidden[i : i + CE_CHUNK], labels[i : i + CE_CHUNK, None]
+            logits = F.linear(h, weight).float()
+            log_norm = logits.logsumexp(-1, keepdim=True)
+            total += (log_norm - logits.gather(1, y)).sum()
+            if need_hidden or need_weight:
+                grad = logits.sub_(log_norm).exp_()  # softmax, in place
+                grad.scatter_add_(1, y, grad.new_full(y.shape, -1.0))
+                grad = grad.to(h.dtype)
+                if need_hidden:
+                    grad_hidden[i : i + CE_CHUNK] = grad @ weight
+                if need_weight:
+                    grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), None
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens of a micro-batch.
-
-    Only labelled positions get logits, in chunks recomputed during backward, so the
-    full (tokens x vocabulary) fp32 logits tensor never exists: with a 49K vocabulary it
-    dominates training memory, and writing it dominates the time of the output layer.
-    """
+    """Summed next-token cross-entropy over the labelled tokens of a packed micro-batch (data.pack)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if causal_lm.config._attn_implementation != PACKED_ATTENTION:  # without bounds it is plain SDPA: harmless elsewhere
+        causal_lm.set_attn_implementation(PACKED_ATTENTION)
+    positions = batch["position_ids"]
+    bounds = (positions[0] == 0).nonzero().flatten().tolist() + [positions.shape[1]]
+    hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=positions, sequence_bounds=bounds).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    hidden, labels = hidden[:, :-1][keep], labels[keep]
-    weight = causal_lm.get_output_embeddings().weight
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(labels), CE_CHUNK):
-        total = total + checkpoint(_chunk_loss, hidden[i : i + CE_CHUNK], weight, labels[i : i + CE_CHUNK], use_reentrant=False)
-    return total
+    return _LinearCrossEntropy.apply(hidden[:, :-1][keep], causal_lm.get_output_embeddings().weight, labels[keep])
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -60,8 +101,8 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_sum(self.model, dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_sum(self.model, dict(input_ids=input_ids, position_ids=position_ids, labels=labels))
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -69,32 +110,19 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 class MicroBatches:
-    """Micro-batch i of an endless sequence of epochs, each a seeded shuffle: resumable at any i.
+    """Micro-batch i (packed) of an endless sequence of epochs, each a seeded shuffle: resumable at any i."""
 
-    With group_by_length, each run of 50 micro-batches of the shuffle is sorted by length, so
-    a micro-batch pads to a near neighbour rather than to a random long example (transformers'
-    LengthGroupedSampler does the same); every epoch still sees every example once.
-    """
-
-    def __init__(self, examples: list[dict], size: int, seed: int, pad_id: int, group_by_length: bool):
-        self.examples, self.size, self.seed, self.pad_id = examples, size, seed, pad_id
-        self.group = 50 * size if group_by_length else 0
+    def __init__(self, examples: list[dict], size: int, seed: int):
+        self.examples, self.size, self.seed = examples, size, seed
         self.per_epoch = math.ceil(len(examples) / size)
         self._order: tuple[int, list[int]] | None = None
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        if not self.group:
-            return order
-        groups = [order[i : i + self.group] for i in range(0, len(order), self.group)]
-        return [k for g in groups for k in sorted(g, key=lambda k: -len(self.examples[k]["input_ids"]))]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(i, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self._epoch_order(epoch))
-        index = self._order[1][j * self.size : (j + 1) * self.size]
-        return collate([self.examples[k] for k in index], self.pad_id)
+            order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._order = (epoch, order)
+        return pack([self.examples[k] for k in self._order[1][j * self.size : (j + 1) * self.size]])
 
 
 def _rng_state() -> dict:
@@ -277,7 +305,6 @@ def finetune(
     lora_dropout: float,
     lora_target_modules: str,
     train_on_inputs: bool,
-    group_by_length: bool,
     prompt_template: str,
     quantization: Quantization,
     fsdp: bool,
@@ -359,13 +386,13 @@ def finetune(
         loss_module = wrap(CausalLMLoss(model), procs, shard)
 
         accumulation = batch_size // micro_batch_size
-        batches = MicroBatches(train, micro_batch_size, seed, tokenizer.pad_token_id, group_by_length)
+        batches = MicroBatches(train, micro_batch_size, seed)
         total_steps = max_steps if max_steps > 0 else math.ceil(batches.per_epoch * num_train_epochs / accumulation)
         warmup = min(100, total_steps // 10)  # Alpaca-LoRA warms up for 100 steps; short runs get a tenth
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-        val_batches = [collate(val[i : i + micro_batch_size], tokenizer.pad_token_id) for i in range(0, len(val), micro_batch_size)]
+        val_batches = [pack(val[i : i + micro_batch_size]) for i in range(0, len(val), micro_batch_size)]
 
         step, history = 0, {"train": [], "val": []}
         if checkpoint is not None:
@@ -398,7 +425,7 @@ def finetune(
                             # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
                             (loss * (procs.count / max(1, labels))).backward()
                         step_loss += loss.item()
-                        tokens += int(b["attention_mask"].sum())
+                        tokens += b["input_ids"].numel()
                     grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
                     optimizer.step()
                     scheduler.step()

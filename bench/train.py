@@ -38,14 +38,14 @@ def split(examples: int, held_out: int = 32):
 @torch.no_grad()
 def held_out_loss(model, tokenizer, records) -> float:
     """Mean token loss on held-out examples, computed the same way for both sides."""
-    from alpaca_cog.data import Example, collate, tokenize
+    from alpaca_cog.data import Example, pack, tokenize
     from alpaca_cog.finetune import label_count, loss_sum
 
     model.eval()
     total = labels = 0
     for i in range(0, len(records), MICRO):
-        batch = collate([tokenize(Example(r["instruction"], r["input"], r["output"]), tokenizer, "alpaca", CUTOFF, True)[0]
-                         for r in records[i : i + MICRO]], tokenizer.pad_token_id)  # fmt: skip
+        batch = pack([tokenize(Example(r["instruction"], r["input"], r["output"]), tokenizer, "alpaca", CUTOFF, True)[0]
+                      for r in records[i : i + MICRO]])  # fmt: skip
         batch = {k: v.to(model.device) for k, v in batch.items()}
         total += loss_sum(model, batch).item()
         labels += label_count(batch)
@@ -91,13 +91,13 @@ def run_baseline(args) -> dict:
     )  # fmt: skip
     start = time.monotonic()
     trainer.train()
-    seconds = time.monotonic() - start
+    seconds, peak = time.monotonic() - start, peak_rss_mb()
     real_tokens = sum(len(d["input_ids"]) for d in dataset)
     from alpaca_cog.model import load_tokenizer
 
     return dict(tokens_per_s=real_tokens / seconds, train_seconds=seconds, real_tokens=real_tokens, steps=steps,
-                final_loss=held_out_loss(model, load_tokenizer(args.model), held_out), peak_rss_mb=peak_rss_mb(),
-                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)  # fmt: skip
+                peak_rss_mb=peak, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                final_loss=held_out_loss(model, load_tokenizer(args.model), held_out))  # fmt: skip
 
 
 def run_ours(args) -> dict:
@@ -113,19 +113,19 @@ def run_ours(args) -> dict:
     tmp = Path(tempfile.mkdtemp())
     (tmp / "train.json").write_text(json.dumps(train))
     settings = dict(train_data=tmp / "train.json", num_train_epochs=1, learning_rate=LR, batch_size=args.batch_size,
-                    micro_batch_size=MICRO, cutoff_len=CUTOFF, val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+                    micro_batch_size=args.micro_batch_size, cutoff_len=CUTOFF, val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=LORA["targets"], checkpoint_steps=0, logging_steps=1)  # fmt: skip
     start = time.monotonic()
     archive = finetune(**defaults(train_fn) | settings, base_weights=args.model, output_path=tmp / "out.tar", checkpoint_dir=tmp / "ckpt")
-    wall = time.monotonic() - start
+    wall, peak = time.monotonic() - start, peak_rss_mb()
     metrics = json.load(tarfile.open(archive).extractfile("metrics.json"))
     from alpaca_cog.archive import adapter_dir
     from alpaca_cog.model import apply_adapter
 
     model = apply_adapter(load_model(args.model), adapter_dir(str(archive), tmp / "x"), merge=False)
-    return dict(tokens_per_s=metrics["tokens_per_s"], train_seconds=wall, steps=metrics["steps"],
-                final_loss=held_out_loss(model, load_tokenizer(args.model), held_out), peak_rss_mb=peak_rss_mb(),
-                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)  # fmt: skip
+    return dict(tokens_per_s=metrics["tokens_per_s"], train_seconds=wall, steps=metrics["steps"], micro_batch_size=args.micro_batch_size,
+                peak_rss_mb=peak, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                final_loss=held_out_loss(model, load_tokenizer(args.model), held_out))  # fmt: skip
 
 
 def main() -> None:
@@ -134,17 +134,20 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--model", default=str(ROOT / "weights"))
     parser.add_argument("--side", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--micro_batch_size", type=int, default=MICRO, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         result = (run_baseline if args.side == "baseline" else run_ours)(args)
         print("RESULT " + json.dumps(result))
         return
     sides = {}
-    for side in ["baseline", "ours"]:
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--examples", str(args.examples),
-                              "--batch_size", str(args.batch_size), "--model", args.model],
+    # Ours also with micro-batches of one example: the same updates (gradients are summed over a batch either way)
+    # in less memory, since activations grow with the tokens of a micro-batch.
+    for name, side, micro in [("baseline", "baseline", MICRO), ("ours", "ours", MICRO), ("ours_micro_batch_1", "ours", 1)]:
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--examples", str(args.examples), "--batch_size",
+                              str(args.batch_size), "--model", args.model, "--micro_batch_size", str(micro)],
                              capture_output=True, text=True, check=True)  # fmt: skip
-        sides[side] = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        sides[name] = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
     report = {
         "bench": "train",
         "date": date.today().isoformat(),
@@ -154,6 +157,7 @@ def main() -> None:
                          cutoff_len=CUTOFF, lora=LORA, learning_rate=LR, data=DATA.name),
         **sides,
         "speedup": sides["ours"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"],
+        "memory_ratio": {name: side["peak_rss_mb"] / sides["baseline"]["peak_rss_mb"] for name, side in sides.items() if name != "baseline"},
     }  # fmt: skip
     out = ROOT / "bench" / "results" / f"train-{report['date']}.json"
     out.parent.mkdir(exist_ok=True)

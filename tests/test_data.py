@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from alpaca_cog.data import IGNORE_INDEX, Example, collate, load_examples, tokenize
+from alpaca_cog.data import IGNORE_INDEX, Example, load_examples, pack, tokenize
 from alpaca_cog.model import load_tokenizer
 from conftest import DATA, ROOT
 
@@ -67,12 +67,14 @@ def test_prompt_tokens_are_masked_and_eos_is_learned(tokenizer):
     answer = tokenizer("5", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert masked["input_ids"][-len(answer):] == answer
     assert masked["labels"] == [IGNORE_INDEX] * (len(masked["labels"]) - len(answer)) + answer
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case where padding must not hide EOS
-    batch = collate([masked, tokenize(Example("Say the alphabet.", "", "a b c d e f g"), tokenizer, "alpaca", 256, False)[0]], tokenizer.pad_token_id)
-    row = batch["labels"][0]
-    assert row[len(masked["labels"]) - 1] == tokenizer.eos_token_id  # EOS is a target...
-    assert (row[len(masked["labels"]):] == IGNORE_INDEX).all()  # ...padding is not
-    assert batch["input_ids"].shape[1] % 8 == 0
+    other = tokenize(Example("Say the alphabet.", "", "a b c d e f g"), tokenizer, "alpaca", 256, False)[0]
+    batch = pack([masked, other])
+    n = len(masked["input_ids"])
+    assert batch["input_ids"][0].tolist() == masked["input_ids"] + other["input_ids"]  # no padding
+    assert batch["position_ids"][0].tolist() == list(range(n)) + list(range(len(other["input_ids"])))
+    labels = batch["labels"][0].tolist()
+    assert labels[n - 1] == tokenizer.eos_token_id  # EOS is a target...
+    assert labels[n] == IGNORE_INDEX  # ...but the next example's first token is not
 
 
 def test_truncation_is_reported(tokenizer):

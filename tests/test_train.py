@@ -13,12 +13,43 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from alpaca_cog import finetune as recipe
 from alpaca_cog.archive import adapter_dir
-from alpaca_cog.finetune import finetune
+from alpaca_cog.data import IGNORE_INDEX, pack
+from alpaca_cog.finetune import finetune, loss_sum
 from alpaca_cog.generate import GenerationParams, complete
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import ROOT, TINY_RUN, metrics_of, run_finetune, train_defaults
+from conftest import ROOT, TINY_RUN, metrics_of, run_finetune, tiny_llama, train_defaults
+
+
+@pytest.mark.parametrize("train_output_layer", [False, True])
+def test_packed_loss_and_gradients_equal_each_example_run_alone(monkeypatch, train_output_layer):
+    """Packing (no padding, attention inside each example) and the chunked cross-entropy change nothing:
+    the loss and every gradient equal transformers' own loss summed over the examples run one by one."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(recipe, "CE_CHUNK", 5)  # several chunks, the last one ragged
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0: every path carries gradient
+    model = get_peft_model(tiny_llama(tie_word_embeddings=False), lora).train()
+    model.get_base_model().lm_head.weight.requires_grad_(train_output_layer)
+    ids = [torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 13)]
+    examples = [dict(input_ids=ids[0], labels=ids[0]), dict(input_ids=ids[1], labels=ids[1]),
+                dict(input_ids=ids[2], labels=[IGNORE_INDEX] * 6 + ids[2][6:])]  # a masked prompt  # fmt: skip
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    reference = sum(model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
+                    * sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)  # fmt: skip
+    expected = gradients(reference)
+    packed = loss_sum(model, pack(examples))
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+    assert len(expected) == 2 * 2 * 2 + train_output_layer
+    for got, want in zip(gradients(packed), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
