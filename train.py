@@ -30,7 +30,7 @@ def train(
     max_steps: int = Input(description="Stop after this many optimizer steps; -1 trains num_train_epochs.", default=-1, ge=-1),
     learning_rate: float = Input(description="Peak AdamW learning rate.", default=3e-4, ge=1e-7, le=1.0),
     batch_size: int = Input(description="Examples per optimizer step (gradient accumulation over micro-batches).", default=128, ge=1, le=4096),
-    micro_batch_size: int = Input(description="Examples per forward pass; lower it to save memory.", default=4, ge=1, le=512),
+    micro_batch_size: int = Input(description="Examples per forward pass, packed without padding; memory grows with their tokens: lower it to save memory.", default=4, ge=1, le=512),
     cutoff_len: int = Input(description="Tokens per example; longer ones are truncated.", default=256, ge=8, le=32768),
     val_set_size: int = Input(description="Examples held out for validation loss.", default=2000, ge=0),
     lora_r: int = Input(description="LoRA rank.", default=8, ge=1, le=1024),

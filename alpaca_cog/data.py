@@ -83,8 +83,7 @@ def load_examples(path: str | Path) -> list[Example]:
 def tokenize(example: Example, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> tuple[dict, bool]:
     """input_ids and labels for one example, and whether it was truncated to cutoff_len.
 
-    EOS is appended and learned, so the finetuned model stops; with pad == eos tokenizers it
-    still counts, since padding is masked by labels, never by token id.
+    EOS is appended and learned, so the finetuned model stops.
     """
     prompt_ids = encode_prompt(tokenizer, template, example.instruction, example.input)
     output_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
