@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 
 @dataclass
@@ -47,6 +47,35 @@ def generate_kwargs(params: GenerationParams, tokenizer) -> dict:
     return kwargs
 
 
+MIN_STATIC_CACHE = 128  # tokens: the smallest KV cache compiled decoding asks for
+
+
+def use_compiled_decoding(model, tokenizer) -> bool:
+    """Decode through a static (fixed-shape) KV cache and a torch.compile'd forward, as generate() does for
+    such caches; warmed up here, so the first request does not wait for compilation. Returns False, and
+    leaves decoding eager, if compiling fails.
+
+    Each request asks for a cache of its length rounded up to a power of two; transformers keeps the
+    largest asked for, so the compiled step is reused, and compiled again only when a request outgrows it.
+    Beam search stays eager.
+    """
+    config = model.generation_config
+    config.cache_implementation = "static"
+    config.compile_config = CompileConfig()
+    config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    try:
+        complete(model, tokenizer, tokenizer("Hello")["input_ids"], GenerationParams(temperature=0))
+        return True
+    except Exception as e:  # an unsupported backend or model: slower, but still answering
+        print(f"compiled decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
+        config.cache_implementation = config.compile_config = None
+        return False
+
+
+def _static_cache_length(model, tokens: int) -> int:
+    return min(max(MIN_STATIC_CACHE, 1 << (tokens - 1).bit_length()), model.config.max_position_embeddings)
+
+
 def stream(model, tokenizer, prompt_ids: list[int], params: GenerationParams, stats: dict | None = None) -> Iterator[str]:
     """Yield the response text piece by piece (the prompt is never echoed).
 
@@ -66,6 +95,11 @@ def stream(model, tokenizer, prompt_ids: list[int], params: GenerationParams, st
         params = replace(params, max_tokens=context - prompt_len)
     stop = _StopFlag()
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **generate_kwargs(params, tokenizer), stopping_criteria=StoppingCriteriaList([stop]))
+    if model.generation_config.cache_implementation == "static":  # compiled decoding: one sequence at a time
+        if params.beams == 1:
+            kwargs["max_cache_len"] = _static_cache_length(model, prompt_len + params.max_tokens)
+        else:  # beams would compile for their own batch shape, a long first wait for a rare request: eager
+            kwargs["cache_implementation"] = "dynamic"
     if stats is not None:
         stats["input_tokens"] = prompt_len
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alpaca_cog.finetune import finetune  # noqa: E402
-from alpaca_cog.generate import GenerationParams, stream  # noqa: E402
+from alpaca_cog.generate import GenerationParams, stream, use_compiled_decoding  # noqa: E402
 from alpaca_cog.model import load_model, load_tokenizer  # noqa: E402
 from alpaca_cog.prompts import encode_prompt  # noqa: E402
 
@@ -149,8 +149,10 @@ def check_decoding_7b(tokenizer_dir: Path, report: dict, smoke: bool) -> None:
     n = 128 if not smoke else 8
     result["eager_tokens_per_s"] = decode_tokens_per_s(model, enc, n)
     if device == "cuda":
-        try:  # generate() compiles the forward itself (CUDA graphs) when the KV cache is static
-            result["static_compiled_tokens_per_s"] = decode_tokens_per_s(model, enc, n, cache_implementation="static")
+        try:  # the predictor's compiled decoding: a static KV cache, and generate() compiles the forward (CUDA graphs)
+            if not use_compiled_decoding(model, enc):
+                raise RuntimeError("use_compiled_decoding fell back to eager (its message is in the log)")
+            result["static_compiled_tokens_per_s"] = decode_tokens_per_s(model, enc, n)
         except Exception as e:  # report, don't lose the rest of the run
             result["static_compiled_error"] = f"{type(e).__name__}: {e}"[:500]
     for key in ["eager_tokens_per_s", "static_compiled_tokens_per_s"]:
@@ -170,6 +172,9 @@ class _ModTokenizer:
         out = self.tokenizer(text, **kwargs)
         out["input_ids"] = [i % self.vocab for i in out["input_ids"]]
         return out
+
+    def __getattr__(self, name):  # decoding, special tokens: the wrapped tokenizer's
+        return getattr(self.tokenizer, name)
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ import threading
 import pytest
 import torch
 
-from alpaca_cog.generate import GenerationParams, complete, stream
+from transformers import CompileConfig
+
+from alpaca_cog.generate import GenerationParams, complete, stream, use_compiled_decoding
 from alpaca_cog.model import load_tokenizer
 from alpaca_cog.prompts import ALPACA_NO_INPUT, build_prompt, encode_prompt
 from conftest import tiny_llama
@@ -126,3 +128,29 @@ def test_prompt_longer_than_context_is_refused_and_max_tokens_is_cut(model, toke
     stats: dict = {}
     list(stream(model, tokenizer, [7] * (context - 4), GenerationParams(temperature=0, max_tokens=50), stats))
     assert stats["input_tokens"] + stats["output_tokens"] <= context
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_reuses_its_compiled_step(tokenizer):
+    from torch._dynamo.utils import counters
+
+    model = tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False, max_position_embeddings=512)
+    prompts = [encode_prompt(tokenizer, "alpaca", text) for text in ["Name a color.", "Say hello to the alpacas, twice."]]
+    eager = [complete(model, tokenizer, ids, GREEDY) for ids in prompts]
+    before = counters["stats"]["unique_graphs"]
+    assert use_compiled_decoding(model, tokenizer)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # compiled while warming up
+    assert [complete(model, tokenizer, ids, GREEDY) for ids in prompts] == eager
+    assert counters["stats"]["unique_graphs"] == graphs  # two prompt lengths, one 256-token cache: no recompiling
+
+
+def test_compiled_decoding_that_fails_to_compile_falls_back_to_eager(monkeypatch, tokenizer, model, capsys):
+    import alpaca_cog.generate as generate
+
+    ids = encode_prompt(tokenizer, "alpaca", "Name a color.")
+    eager = complete(model, tokenizer, ids, GREEDY)
+    monkeypatch.setattr(generate, "CompileConfig", lambda: CompileConfig(backend="no_such_backend"))
+    assert not use_compiled_decoding(model, tokenizer)
+    assert "compiled decoding unavailable" in capsys.readouterr().out
+    assert model.generation_config.cache_implementation is None
+    assert complete(model, tokenizer, ids, GREEDY) == eager
