@@ -163,3 +163,21 @@ def test_busy_server_answers_409_and_cancelled_stream_stops(server):
     assert len(outputs) < 2000
     body = predict(server, prompt="Say hi.", max_tokens=4, temperature=0).json()
     assert body["status"] == "succeeded"
+
+
+def test_compiled_decoding_served_by_cog_answers_as_eager_decoding(tiny_model_dir, tmp_path):
+    """The GPU default, here forced on the CPU: setup() compiles, and Cog's worker streams the eager text."""
+    from alpaca_cog.generate import GenerationParams, complete
+    from alpaca_cog.model import load_model, load_tokenizer
+    from alpaca_cog.prompts import encode_prompt
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    prompt = "Name three primary colors."
+    expected = complete(model, tokenizer, encode_prompt(tokenizer, "alpaca", prompt), GenerationParams(temperature=0, max_tokens=16))
+    assert expected  # precondition: something to compare
+    env = {"ALPACA_COG_BASE_WEIGHTS": str(tiny_model_dir), "ALPACA_COG_COMPILE": "1"}
+    with cog_server(tmp_path, env=env) as url:
+        body = submit(f"{url}/predictions", dict(prompt=prompt, temperature=0, max_tokens=16)).json()
+    assert body["status"] == "succeeded", body
+    assert "".join(body["output"]) == expected
+    assert "float32, compiled decoding" in "".join(p.read_text() for p in tmp_path.glob("cog-server-*.log"))  # not the fallback
