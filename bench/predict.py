@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,15 +44,19 @@ def make_adapter(model_dir: str, out: Path) -> Path:
     return out
 
 
-def timed(generate_pieces, tokens: int) -> dict:
-    """Time to the first piece, and tokens/s after it (over the whole call when it is one piece: beams)."""
-    start = time.perf_counter()
-    first, pieces = None, 0
-    for _ in generate_pieces():
-        first = first or time.perf_counter()
-        pieces += 1
-    end = time.perf_counter()
-    return dict(ttft_s=first - start, tokens_per_s=(tokens - 1) / (end - first) if pieces > 1 else tokens / (end - start))
+def timed(generate_pieces, tokens: int, repeats: int = 3) -> dict:
+    """Time to the first piece, and tokens/s after it (over the whole call when it is one piece: beams);
+    the median of a few runs, since this machine's neighbours make single runs noisy."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        first, pieces = None, 0
+        for _ in generate_pieces():
+            first = first or time.perf_counter()
+            pieces += 1
+        end = time.perf_counter()
+        runs.append(dict(ttft_s=first - start, tokens_per_s=(tokens - 1) / (end - first) if pieces > 1 else tokens / (end - start)))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def run_baseline(args, adapter: Path) -> dict:
