@@ -25,7 +25,8 @@ def post(url, body):
     return submit(f"{url}/predictions", body["input"])
 
 
-anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
+# Any JSON value: JSON has no NaN or infinity (json.dumps would refuse them before the server saw them).
+anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False, allow_infinity=False),
                      st.text(max_size=30), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))  # fmt: skip
 # Kept short for speed; the rest of each range is generated as the schema says.
 SPEED_CAPS = {"max_tokens": 3, "beams": 2, "prompt": 100}  # prompt: characters, within the tiny model's 1024 positions
