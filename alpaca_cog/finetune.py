@@ -76,9 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_weight), None
+        return tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors) + (None,)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
