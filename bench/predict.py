@@ -2,9 +2,9 @@
 
 Baseline: an unmerged PeftModel and model.generate with generate.py's settings. Ours: the
 Predictor's setup (adapter merged) and its streaming generation, eager and compiled
-(ALPACA_COG_COMPILE=1: static KV cache and torch.compile, the predictor's default on GPUs). Both use the same base model and
-the same random LoRA adapter (r=8 on q_proj,v_proj). Prints one JSON object and keeps it in
-bench/results/predict-<date>.json.
+(ALPACA_COG_COMPILE=1: static KV cache and torch.compile, the predictor's default on GPUs).
+Both use the same base model and the same random LoRA adapter (r=8 on q_proj,v_proj). Prints one
+JSON object and keeps it in bench/results/predict-<date>.json.
 
     python bench/predict.py [--model weights] [--tokens 64]
 """
