@@ -21,8 +21,8 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
         yield url
 
 
-def post(url, body):
-    return submit(f"{url}/predictions", body["input"])
+def post(url, inputs):
+    return submit(f"{url}/predictions", inputs)
 
 
 # Any JSON value: JSON has no NaN or infinity (json.dumps would refuse them before the server saw them).
@@ -60,7 +60,7 @@ def test_generated_requests_never_5xx_and_invalid_ones_name_the_field(tiny_serve
     base = data.draw(st.fixed_dictionaries(required, optional=optional))
     field = data.draw(st.sampled_from(sorted(props)))
     body = dict(base, **{field: value}) if corrupt else base
-    response = post(tiny_server, {"input": body})
+    response = post(tiny_server, body)
     assert response.status_code in (200, 422), response.text
     if response.status_code == 422:
         assert corrupt
@@ -73,18 +73,18 @@ def test_server_still_answers_after_fuzzing_and_malformed_bodies(tiny_server):
     for raw in [b"", b"{", b'{"input": 3}', b"[]", b'{"input": {"prompt": "hi"}, "id": 5}']:
         r = requests.post(f"{tiny_server}/predictions", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code < 500, (raw, r.status_code, r.text)
-    assert post(tiny_server, {"input": {"prompt": "hi", "max_tokens": 2}}).json()["status"] == "succeeded"
+    assert post(tiny_server, {"prompt": "hi", "max_tokens": 2}).json()["status"] == "succeeded"
 
 
 @pytest.mark.parametrize("prompt", UNICODE_PROMPTS, ids=["cjk", "emoji", "control", "combining"])
 def test_unicode_prompts_are_answered(tiny_server, prompt):
-    body = post(tiny_server, {"input": {"prompt": prompt, "max_tokens": 3, "temperature": 0}}).json()
+    body = post(tiny_server, {"prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
     assert body["status"] == "succeeded"
     json.dumps(body)  # valid JSON text all the way
 
 
 def test_prompt_beyond_the_context_is_a_clear_failure(tiny_server):
-    body = post(tiny_server, {"input": {"prompt": "word " * 1100, "max_tokens": 3}}).json()  # tiny model: 1024 positions
+    body = post(tiny_server, {"prompt": "word " * 1100, "max_tokens": 3}).json()  # tiny model: 1024 positions
     assert body["status"] == "failed" and "prompt:" in body["error"] and "context holds 1024" in body["error"]
 
 
@@ -114,9 +114,9 @@ def _worker_rss(url) -> int:
 
 def test_worker_memory_is_flat_over_200_requests(tiny_server):
     for _ in range(20):  # warm-up: allocator pools and caches reach their working size
-        post(tiny_server, {"input": {"prompt": "Tell me a story.", "max_tokens": 16, "temperature": 0.7}})
+        post(tiny_server, {"prompt": "Tell me a story.", "max_tokens": 16, "temperature": 0.7})
     before = _worker_rss(tiny_server)
     for i in range(200):
-        assert post(tiny_server, {"input": {"prompt": f"Tell me story {i}.", "max_tokens": 16, "temperature": 0.7}}).status_code == 200
+        assert post(tiny_server, {"prompt": f"Tell me story {i}.", "max_tokens": 16, "temperature": 0.7}).status_code == 200
     growth = _worker_rss(tiny_server) - before
     assert growth < 20 * 2**20, f"worker RSS grew by {growth / 2**20:.1f} MiB over 200 requests"
