@@ -359,7 +359,7 @@ def finetune(
         shard = fsdp and procs.count > 1
         # FSDP shards from host memory, so no GPU ever holds the whole model.
         model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=default_dtype(procs.device),
-                           quantization=quantization)  # fmt: skip
+                           quantization=quantization, training=True)  # fmt: skip
         if quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = [m.strip() for m in lora_target_modules.split(",") if m.strip()]

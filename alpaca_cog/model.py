@@ -1,5 +1,6 @@
 """Loading the base model, its tokenizer and a trained LoRA adapter: one path for predict, train and export."""
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -9,12 +10,33 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 Quantization = Literal["none", "8bit", "4bit"]
 
 
+class _NoKernelsPackageNotice(logging.Filter):
+    """Drops the one warning bitsandbytes logs at import on CPUs with AVX512-BF16 when the optional `kernels`
+    package is absent: "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'".
+    `kernels` would download that kernel from the Hugging Face hub at run time, which offline containers cannot;
+    bitsandbytes then uses its own (bundled) CPU kernel, so nothing is missing. Every other message passes,
+    this one too when `kernels` is installed and fails for another reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (
+            str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+            and isinstance(exc, ModuleNotFoundError)
+            and exc.name == "kernels"
+        )
+
+
+# Before anything imports peft (which imports bitsandbytes): every entry point imports this module first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageNotice())
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # bf16 halves memory and doubles matmul speed on GPUs; CPUs here have no fast bf16, so fp32.
+    # bf16 halves memory and doubles matmul speed on GPUs. CPUs get fp32: only some have fast bf16 (AVX512-BF16, AMX),
+    # and fp32 keeps a CPU's results close to any other's, AVX2 or AVX512.
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
@@ -35,13 +57,42 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def cpu_packable(layer) -> bool:
+    """Whether bitsandbytes can repack this Linear4bit for its AVX512-BF16 CPU inference kernel.
+
+    bitsandbytes 0.50 (nn/modules.py, Linear4bit.forward) repacks a 4-bit weight the first time the layer
+    runs on a CPU with AVX512-BF16, in eval mode, on an input that does not require grad; the repacking
+    (functional.py, _convert_weight_packed_for_cpu) takes out_features in blocks of 32 and reshapes the
+    quantization scales to (out_features, in_features // blocksize): whole blocks per row only.
+    """
+    return layer.in_features % layer.weight.blocksize == 0 and layer.out_features % 32 == 0
+
+
+def keep_4bit_unpacked(model, only_unpackable: bool = False) -> int:
+    """Keep bitsandbytes from repacking 4-bit layers for its CPU inference kernel: all of them, or those it cannot
+    repack (which would fail with a reshape error). They then run the kernel CPUs without AVX512-BF16 always run
+    (dequantize, then matmul), which autograd differentiates through. Returns how many layers were changed."""
+    changed = 0
+    for layer in model.modules():
+        if getattr(layer, "support_avx512bf16_for_cpu", False) and not (only_unpackable and cpu_packable(layer)):
+            layer.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def load_model(
     path: str | Path,
     device: str | None = None,
     dtype: torch.dtype | None = None,
     quantization: Quantization = "none",
+    training: bool = False,
 ):
-    """A causal LM in eval mode on `device` (default: CUDA if present, else CPU)."""
+    """A causal LM in eval mode on `device` (default: CUDA if present, else CPU).
+
+    4-bit on a CPU with AVX512-BF16: for inference, the layers bitsandbytes can repack use its packed bf16
+    kernel and the others fall back to the plain one; for `training`, none is ever repacked, because the packed
+    kernel has no backward (after a validation pass in eval mode, training would lose its gradients silently).
+    """
     path = check_model_dir(path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -58,6 +109,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization == "none":
         model.to(device)
+    if quantization == "4bit":
+        keep_4bit_unpacked(model, only_unpackable=not training)
     return model.eval()
 
 

@@ -101,18 +101,34 @@ def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, rea
         log.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
+def _save_tiny_llama(weights_dir: Path, path: Path, **overrides) -> Path:
     """A random tiny LLaMA with SmolLM2's real tokenizer, saved as a Hugging Face folder."""
     from alpaca_cog.model import load_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(weights_dir)
     # Larger initial weights than LLaMA's 0.02, so that a LoRA on it learns visibly within 20 steps.
-    tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.2,
-               max_position_embeddings=1024).save_pretrained(path)
+    tiny_llama(**dict(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.2,
+                      max_position_embeddings=1024) | overrides).save_pretrained(path)  # fmt: skip
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(weights_dir, tmp_path_factory) -> Path:
+    """A random tiny LLaMA with SmolLM2's real tokenizer, saved as a Hugging Face folder."""
+    return _save_tiny_llama(weights_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+# The smallest LLaMA whose every quantized layer takes both of bitsandbytes' CPU 4-bit paths: in_features whole
+# 64-wide quantization blocks and out_features whole 32-row packing blocks (alpaca_cog.model.cpu_packable), so that
+# on CPUs with AVX512-BF16 it runs the packed bf16 inference kernel too. tiny_llama's 32-wide layers cannot.
+QUANTIZABLE_TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def quantizable_model_dir(weights_dir, tmp_path_factory) -> Path:
+    """tiny_model_dir, QUANTIZABLE_TINY wide."""
+    return _save_tiny_llama(weights_dir, tmp_path_factory.mktemp("tiny-llama-64"), **QUANTIZABLE_TINY)
 
 
 # A training run of seconds on the tiny model: every layer adapted, a high learning rate, nothing saved.
