@@ -1,42 +1,56 @@
-"""Cog predictor: the base model in weights/, with a trained LoRA adapter when Cog passes one."""
+"""Cog predictor: the base model in weights/, with a trained LoRA adapter when Cog passes one, and any
+other adapter per request. Concurrent predictions are decoded together by one engine (alpaca_cog.engine)."""
 
-import os
+import asyncio
 import random
+from collections.abc import Iterator
 
+import cog
 from cog import BaseRunner, ConcatenateIterator, Input, streaming
 
 from alpaca_cog import archive
-from alpaca_cog.generate import GenerationParams, stream, use_compiled_decoding
-from alpaca_cog.model import apply_adapter, default_device, load_model, load_tokenizer
-from alpaca_cog.prompts import TEMPLATE_NAMES, encode_prompt
+from alpaca_cog.adapters import AdapterCache, prompt_template_of
+from alpaca_cog.engine import Engine, Request
+from alpaca_cog.env import env_flag, env_int, env_path
+from alpaca_cog.generate import GenerationParams, use_compiled_decoding
+from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
+from alpaca_cog.prompts import STOP_STRINGS, TEMPLATE_NAMES, encode_prompt
 
-BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")
-# Merging the adapter into the base weights decodes faster; ALPACA_COG_MERGE=0 keeps them apart.
-MERGE_ADAPTER = os.environ.get("ALPACA_COG_MERGE", "1") != "0"
-# Compiled decoding (static KV cache + torch.compile) by default on GPUs; on a CPU it compiles for about a
-# minute to gain little (1.0x to 1.5x measured), so ALPACA_COG_COMPILE=1 asks for it there (0 turns it off anywhere).
-COMPILE = os.environ.get("ALPACA_COG_COMPILE", "1" if default_device() == "cuda" else "0") == "1"
+MAX_CONCURRENCY = 8  # as @cog.concurrent's literal below, which Cog's build reads; COG_MAX_CONCURRENCY overrides both
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """weights: trained weights from train.py (a tar path or URL), as Replicate passes them; None for the base model."""
-        self.tokenizer = load_tokenizer(BASE_WEIGHTS)
-        self.model = load_model(BASE_WEIGHTS)
+        base = env_path("ALPACA_COG_BASE_WEIGHTS", "weights")
+        merge = env_flag("ALPACA_COG_MERGE", True)
+        self.tokenizer = load_tokenizer(base)
+        model = load_model(base)
+        self.default_template = None
+        self.merged = bool(weights) and merge
         if weights:
-            self.model = apply_adapter(self.model, archive.adapter_dir(str(weights)), merge=MERGE_ADAPTER)
-            print(f"adapter from {weights} applied ({'merged' if MERGE_ADAPTER else 'unmerged'})")
-        compiled = COMPILE and use_compiled_decoding(self.model, self.tokenizer)
-        print(f"model on {self.model.device}, {self.model.dtype}, {'compiled' if compiled else 'eager'} decoding")
+            folder = archive.adapter_dir(str(weights))
+            model = apply_adapter(model, folder, merge=merge)
+            self.default_template = prompt_template_of(folder)
+            print(f"adapter from {weights} applied ({'merged' if merge else 'unmerged'})")
+        # Compiled decoding (static KV cache + torch.compile) decodes one request at a time: opt-in, since
+        # batching serves concurrent requests better (README, Performance).
+        compiled = env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, self.tokenizer)
+        batch = env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY)
+        self.engine = Engine(model, self.tokenizer, max_batch=batch)  # an unmerged adapter is every request's default
+        self.adapters = AdapterCache(self.engine, env_int("ALPACA_COG_ADAPTER_CACHE", 10))
+        mode = "compiled decoding, one request at a time" if compiled else f"batched decoding, up to {batch} requests"
+        print(f"model on {model.device}, {model.dtype}, {mode}")
 
+    @cog.concurrent(max=8)
     @streaming
-    def run(
+    async def run(
         self,
         prompt: str = Input(description="Instruction for the model.", min_length=1, regex=r"[\s\S]*\S"),
-        prompt_template: str = Input(
-            description="alpaca: the Stanford Alpaca template (what train.py uses); "
-            "chat: the model's own chat template; none: the prompt as is.",
-            default="alpaca",
+        prompt_template: str | None = Input(
+            description="alpaca: the Stanford Alpaca template (what train.py uses); chat: the model's own chat "
+            "template; none: the prompt as is. Empty: the adapter's own template, else alpaca.",
+            default=None,
             choices=TEMPLATE_NAMES,
         ),
         max_tokens: int = Input(description="Maximum number of tokens to generate.", default=128, ge=1, le=4096),
@@ -44,27 +58,56 @@ class Predictor(BaseRunner):
         top_p: float = Input(description="Nucleus sampling: keep the smallest token set with this much probability.", default=0.75, ge=0.01, le=1.0),
         top_k: int = Input(description="Sample from the k most likely tokens; 0 disables.", default=40, ge=0, le=1000),
         beams: int = Input(description="Beam search width; above 1 the answer arrives whole, not streamed.", default=1, ge=1, le=8),
+        stop_sequences: str | None = Input(description="Comma-separated strings that end the answer (never returned), besides the template's own.", default=None),
+        lora_weights: str | None = Input(description="A LoRA adapter for this request: a train.py archive or adapter folder, as a path or http(s) URL, optionally pinned as URL#sha256=<hex>.", default=None),
         seed: int | None = Input(description="Random seed for sampling; empty for a random one.", default=None, ge=0, le=2**31 - 1),
     ) -> ConcatenateIterator[str]:
+        # An async run() lets Cog run predictions concurrently. It returns a plain generator because Cog 0.23.1
+        # (coglet) streams those token by token, while it collects an async generator whole; the price is that
+        # Cog's cancel no longer reaches the generator once it streams (README, "Cancelling").
         if seed is None:
             seed = random.randint(0, 2**31 - 1)
         print(f"seed: {seed}")
+        adapter, template, metrics = None, self.default_template, {}
+        if lora_weights:
+            if self.merged:
+                raise ValueError("lora_weights: this instance merged its setup weights into the base; "
+                                 "start it with ALPACA_COG_MERGE=0 to serve other adapters per request")  # fmt: skip
+            adapter, template, metrics = await asyncio.to_thread(self.adapters.get, lora_weights)
+        template = prompt_template or template or "alpaca"
+        stops = STOP_STRINGS[template] + [s for s in (stop_sequences or "").split(",") if s]
         params = GenerationParams(temperature, top_p, top_k, beams, max_tokens, seed)
-        stats: dict = {}
-        prompt_ids = encode_prompt(self.tokenizer, prompt_template, prompt)
-        yield from stream(self.model, self.tokenizer, prompt_ids, params, stats)
-        for key, value in stats.items():
-            self.record_metric(key, value)
+        handle = self.engine.submit(Request(encode_prompt(self.tokenizer, template, prompt), params, stops, adapter))
+        return self._stream(handle, metrics, cog.current_scope())
+
+    @staticmethod
+    def _stream(handle, metrics: dict, scope) -> Iterator[str]:
+        yield from handle
+        result = handle.result
+        metrics |= dict(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        if result.time_to_first_token is not None:
+            metrics["time_to_first_token"] = round(result.time_to_first_token, 3)
+        for key, value in metrics.items():
+            scope.record_metric(key, value)  # the prediction's scope: Cog iterates this generator in another thread
 
 
 if __name__ == "__main__":  # python predict.py --prompt "..." [--weights training_output.tar]
+    import sys
+
     from alpaca_cog.cli import parse_inputs, parser_for
 
     parser = parser_for(Predictor.run, "Answer one prompt with the model in weights/, streaming to stdout.")
     parser.add_argument("--weights", help="trained weights (training_output.tar) to apply")
     inputs = parse_inputs(Predictor.run, parser)
-    predictor = Predictor()
-    predictor.setup(weights=parser.parse_args().weights)
-    for text in predictor.run(**inputs):
-        print(text, end="", flush=True)
-    print()
+
+    async def main() -> None:
+        predictor = Predictor()
+        predictor.setup(weights=parser.parse_args().weights)
+        for text in await predictor.run(**inputs):
+            print(text, end="", flush=True)
+        print()
+
+    try:
+        asyncio.run(main())
+    except (ValueError, OSError) as e:  # bad input, weights or environment: the message, not a traceback
+        sys.exit(f"error: {e}")

@@ -5,9 +5,9 @@ is treated as untrusted: tarfile's "data" filter refuses absolute paths, `..`, l
 leave the folder and device files, and the unpacked size is capped before anything is written.
 """
 
-import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,8 +22,16 @@ def fetch(weights: str, dest_dir: Path) -> Path:
     if parsed.scheme in ("http", "https"):
         path = dest_dir / (Path(parsed.path).name or "weights.tar")
         print(f"downloading {weights}", flush=True)
-        with urllib.request.urlopen(weights) as response, open(path, "wb") as f:
-            shutil.copyfileobj(response, f)
+        try:
+            with urllib.request.urlopen(weights, timeout=60) as response, open(path, "wb") as f:
+                while block := response.read(1 << 20):
+                    if f.tell() + len(block) > MAX_UNPACKED_BYTES:
+                        raise ValueError(f"weights: {weights} is over the {MAX_UNPACKED_BYTES} byte limit")
+                    f.write(block)
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"weights: cannot download {weights} (HTTP {e.code} {e.reason})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise ValueError(f"weights: cannot download {weights} ({getattr(e, 'reason', e)})") from None
         return path
     path = Path(parsed.path if parsed.scheme == "file" else weights)
     if not path.exists():
@@ -53,8 +61,13 @@ def adapter_dir(weights: str, work_dir: str | Path | None = None) -> Path:
     (a training-output tar, or a folder that already holds them)."""
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="alpaca-cog-weights-"))
     path = fetch(weights, work_dir)
-    folder = path if path.is_dir() else extract(path, work_dir / "unpacked")
+    return check_adapter(path if path.is_dir() else extract(path, work_dir / "unpacked"), weights)
+
+
+def check_adapter(folder: Path, weights: str) -> Path:
+    """`folder` if it holds a PEFT adapter in safetensors; pickle files (adapter_model.bin) are never loaded."""
     missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"weights: {weights} holds no LoRA adapter (missing {', '.join(missing)})")
+        pickle = " (adapter_model.bin is pickle, which is never loaded: save with safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        raise ValueError(f"weights: {weights} holds no LoRA adapter (missing {', '.join(missing)}){pickle}")
     return folder

@@ -74,25 +74,39 @@ _OK = {"description": "Successful Response", **_json()}
 _INVALID = {"description": "Validation Error", **_json("HTTPValidationError")}
 
 
-def is_streaming(ref: str) -> bool:
-    """Whether the run()/predict() (or function) named by ref carries @streaming / @cog.streaming.
-
-    The decorator does nothing at run time; Cog's build reads it from the source, and so do we.
-    """
+def _run_decorators(ref: str) -> list[ast.expr]:
+    """The decorators of the run()/predict() (or function) named by ref, read from the source as Cog's build does."""
     file, name = ref.split(":")
     tree = ast.parse(Path(file).read_text())
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
     for node in tree.body:
         if getattr(node, "name", None) != name:
             continue
-        fns = [node] if isinstance(node, ast.FunctionDef) else [
-            f for f in getattr(node, "body", []) if isinstance(f, ast.FunctionDef) and f.name in ("run", "predict")
+        fns = [node] if isinstance(node, functions) else [
+            f for f in getattr(node, "body", []) if isinstance(f, functions) and f.name in ("run", "predict")
         ]  # fmt: skip
-        for fn in fns:
-            for d in fn.decorator_list:
-                d = d.func if isinstance(d, ast.Call) else d
-                if (isinstance(d, ast.Name) and d.id == "streaming") or (isinstance(d, ast.Attribute) and d.attr == "streaming"):
-                    return True
-    return False
+        return [d for fn in fns for d in fn.decorator_list]
+    return []
+
+
+def _named(decorator: ast.expr, name: str) -> bool:
+    d = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (isinstance(d, ast.Name) and d.id == name) or (isinstance(d, ast.Attribute) and d.attr == name)
+
+
+def is_streaming(ref: str) -> bool:
+    """Whether run() carries @streaming / @cog.streaming (it does nothing at run time; Cog's build reads it)."""
+    return any(_named(d, "streaming") for d in _run_decorators(ref))
+
+
+def max_concurrency(ref: str) -> int:
+    """@cog.concurrent(max=N)'s literal N, which `cog build` bakes into the image as COG_MAX_CONCURRENCY; else 1."""
+    for d in _run_decorators(ref):
+        if _named(d, "concurrent") and isinstance(d, ast.Call):
+            for keyword in d.keywords:
+                if keyword.arg == "max" and isinstance(keyword.value, ast.Constant):
+                    return keyword.value.value
+    return 1
 
 
 def _endpoint(info: adt.PredictorInfo, train: bool, streaming: bool) -> tuple[dict, dict]:
@@ -203,9 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("cog.yaml"), help="names run: and train:")
     parser.add_argument("--out", type=Path, default=SCHEMA_PATH)
+    parser.add_argument("--concurrency", action="store_true", help="print run()'s @cog.concurrent max and exit")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     run, train = config.get("run") or config["predict"], config.get("train")
+    if args.concurrency:
+        print(max_concurrency(run))
+        return
     schema = openapi_schema(run, train)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(schema, indent=2) + "\n")

@@ -17,6 +17,10 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+# Where a template says a new turn begins: an answer ends there (a model trained briefly may go on to
+# write the next "### Instruction:" itself). Chat templates end turns with EOS; raw prompts never end.
+STOP_STRINGS: dict[str, list[str]] = {"alpaca": ["### Instruction:", "### Input:", "### Response:"], "chat": [], "none": []}
+
 
 def build_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
     """The text the model sees before its response.

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alpaca_cog.finetune import finetune  # noqa: E402
-from alpaca_cog.generate import GenerationParams, stream, use_compiled_decoding  # noqa: E402
+from alpaca_cog.engine import Engine, Request  # noqa: E402
+from alpaca_cog.generate import GenerationParams, complete, use_compiled_decoding  # noqa: E402
 from alpaca_cog.model import load_model, load_tokenizer  # noqa: E402
 from alpaca_cog.prompts import encode_prompt  # noqa: E402
 
@@ -75,20 +76,43 @@ def decode_tokens_per_s(model, tokenizer, n: int, **generate_kwargs) -> float:
     return n / (time.perf_counter() - start)
 
 
-def check_predictor(model_dir: Path, report: dict) -> None:
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    report["predictor"] = dict(device=str(model.device), dtype=str(model.dtype))
-    stats: dict = {}
+def engine_throughput(engine, requests: list) -> dict:
+    """Aggregate tokens/s and per-request time to first token for `requests` decoded together."""
+    sync()
     start = time.perf_counter()
-    pieces = list(stream(model, tokenizer, encode_prompt(tokenizer, "alpaca", "Hi"), GenerationParams(temperature=0, max_tokens=32), stats))
-    report["predictor"] |= dict(pieces=len(pieces), seconds=time.perf_counter() - start, **stats)
+    results = engine.complete(requests)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(r.output_tokens for r in results)
+    return dict(clients=len(requests), tokens=tokens, tokens_per_s=round(tokens / seconds, 1),
+                max_ttft_s=round(max(r.time_to_first_token or 0 for r in results), 3))  # fmt: skip
+
+
+def check_predictor(model_dir: Path, report: dict) -> None:
+    """The engine on the GPU: batched greedy answers equal generate()'s alone, and what batching gains."""
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    engine = Engine(model, tokenizer, max_batch=8)
+    prompts = [encode_prompt(tokenizer, "alpaca", f"Question {i}: tell me about alpacas, {'please ' * i}") for i in range(8)]
+    greedy = GenerationParams(temperature=0, max_tokens=32)
+    alone = [complete(model, tokenizer, ids, greedy) for ids in prompts]
+    batched = [r.text for r in engine.complete([Request(ids, greedy) for ids in prompts])]
+    tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][:16]  # noqa: E731
+    report["predictor"] = dict(device=str(model.device), dtype=str(model.dtype),
+                               batched_equals_alone=sum(a == b for a, b in zip(alone, batched)),
+                               first_16_tokens_equal=sum(tokens(a) == tokens(b) for a, b in zip(alone, batched)))  # fmt: skip
+    long = GenerationParams(temperature=0, max_tokens=128)
+    report["predictor"]["engine_1"] = engine_throughput(engine, [Request(prompts[0], long)])
+    report["predictor"]["engine_8"] = engine_throughput(engine, [Request(ids, long) for ids in prompts])
 
 
 def check_cog_server(model_dir: Path, report: dict) -> None:
     import requests
 
     subprocess.run([sys.executable, "-m", "alpaca_cog.cog_schema"], cwd=ROOT, check=True)
+    from alpaca_cog.cog_schema import max_concurrency
+
     env = {**os.environ, "PORT": "5123", "COG_PREDICT_TYPE_STUB": "predict.py:Predictor", "ALPACA_COG_BASE_WEIGHTS": str(model_dir),
+           "COG_MAX_CONCURRENCY": str(max_concurrency("predict.py:Predictor")),  # as `cog build` bakes it
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     server = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
@@ -100,8 +124,14 @@ def check_cog_server(model_dir: Path, report: dict) -> None:
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        from concurrent.futures import ThreadPoolExecutor
+
         r = requests.post("http://127.0.0.1:5123/predictions", json={"input": {"prompt": "Hi", "max_tokens": 8, "temperature": 0}}, timeout=120)
         body = r.json()
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda i: requests.post("http://127.0.0.1:5123/predictions", timeout=300,
+                                                                json={"input": {"prompt": f"Hi {i}", "max_tokens": 64, "seed": i}}).json(), range(8)))  # fmt: skip
+        report["cog_server_concurrent"] = [c.get("status") for c in concurrent]
         bad = requests.post("http://127.0.0.1:5123/predictions", json={"input": {"prompt": "Hi", "beams": 0}}, timeout=30)
         report["cog_server"] = dict(status_code=r.status_code, status=body.get("status"), output_tokens=body.get("metrics", {}).get("output_tokens"),
                                     logs=body.get("logs", "")[-300:], invalid_status_code=bad.status_code)  # fmt: skip
@@ -117,7 +147,9 @@ def check_training(model_dir: Path, data: Path, tmp: Path, report: dict) -> None
     from train import train
 
     report["training"] = {}
-    for quantization in ["none", "8bit", "4bit"]:
+    import importlib.util
+
+    for quantization in ["none"] + (["8bit", "4bit"] if importlib.util.find_spec("bitsandbytes") else []):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -148,6 +180,11 @@ def check_decoding_7b(tokenizer_dir: Path, report: dict, smoke: bool) -> None:
     enc = tokenizer if tokenizer_vocab_ok else _ModTokenizer(tokenizer, config.vocab_size)
     n = 128 if not smoke else 8
     result["eager_tokens_per_s"] = decode_tokens_per_s(model, enc, n)
+    engine = Engine(model, enc, max_batch=8)
+    ids = enc("Tell me about alpacas.")["input_ids"]
+    engine_throughput(engine, [Request(ids, GenerationParams(temperature=0, max_tokens=8))])  # warm-up
+    for clients in [1, 8]:
+        result[f"engine_{clients}"] = engine_throughput(engine, [Request(list(ids), GenerationParams(temperature=0, max_tokens=n)) for _ in range(clients)])
     if device == "cuda":
         try:  # the predictor's compiled decoding: a static KV cache, and generate() compiles the forward (CUDA graphs)
             if not use_compiled_decoding(model, enc):
@@ -158,7 +195,7 @@ def check_decoding_7b(tokenizer_dir: Path, report: dict, smoke: bool) -> None:
     for key in ["eager_tokens_per_s", "static_compiled_tokens_per_s"]:
         if key in result:
             result[key.replace("tokens_per_s", "fraction_of_bound")] = result[key] / result["bound_tokens_per_s"]
-    report["decode_7b_bf16"] = result
+    report["decode"] = result  # LLaMA-7B shape, bf16
 
 
 class _ModTokenizer:
@@ -202,7 +239,7 @@ def main() -> None:
         except Exception as e:
             report[f"{name}_error"] = f"{type(e).__name__}: {e}"[:1000]
         report[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps({name: report.get(name, report.get(f"{name}_error"))}, default=str), flush=True)
+        print(json.dumps({k: v for k, v in report.items() if k.startswith(name)}, default=str), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))

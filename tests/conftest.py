@@ -61,22 +61,27 @@ def submit(url: str, inputs: dict, method: str = "POST", timeout: float = 300, *
 
 
 @contextmanager
-def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, ready_timeout: float = 300):
-    """Cog's own HTTP server (coglet) on a free port, as Replicate runs the built image."""
-    subprocess.run([sys.executable, "-m", "alpaca_cog.cog_schema"], cwd=ROOT, check=True, capture_output=True)
+def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, ready_timeout: float = 300, cwd: Path = ROOT):
+    """Cog's own HTTP server (coglet) on a free port, as Replicate runs the built image of the project in `cwd`."""
+    from alpaca_cog.cog_schema import max_concurrency
+
+    python_path = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # alpaca_cog, from any cwd
+    subprocess.run([sys.executable, "-m", "alpaca_cog.cog_schema"], cwd=cwd, env={**os.environ, **python_path}, check=True, capture_output=True)
     port = free_port()
     server_env = {
         **os.environ,
+        **python_path,
         # The worker is started as plain `python`: the venv must come first on PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PORT": str(port),
         "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
         "COG_TRAIN_TYPE_STUB": "train.py:train",
+        **({} if train else {"COG_MAX_CONCURRENCY": str(max_concurrency(f"{cwd}/predict.py:Predictor"))}),  # as `cog build` bakes it
         **(env or {}),
     }
     log = open(tmp_path / f"cog-server-{port}.log", "w")
     args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"] + (["--x-mode", "train"] if train else [])
-    proc = subprocess.Popen(args, cwd=ROOT, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, cwd=cwd, env=server_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout

@@ -17,6 +17,8 @@ DOCUMENTED_INPUTS = {
     "top_p": (0.01, 1),
     "top_k": (0, 1000),
     "beams": (1, 8),
+    "stop_sequences": None,
+    "lora_weights": None,
     "seed": (0, 2**31 - 1),
 }
 
@@ -128,7 +130,7 @@ def test_streaming_yields_several_output_events_before_completed(server):
     assert chunks == "".join(events[-1][1]["output"])
 
 
-def test_busy_server_answers_409_and_cancelled_stream_stops(server):
+def test_cancelled_stream_stops_and_the_next_request_is_served(server):
     prediction_id = "cancel-me"
     outputs: list[str] = []
     final: dict = {}
@@ -152,8 +154,6 @@ def test_busy_server_answers_409_and_cancelled_stream_stops(server):
     while len(outputs) < 3:
         assert reader.is_alive() or final, "stream ended before cancelling"
         time.sleep(0.1)
-    busy = requests.post(f"{server}/predictions", json={"input": {"prompt": "Say hi.", "max_tokens": 4}}, timeout=30)
-    assert busy.status_code == 409, busy.text  # one prediction at a time (no @cog.concurrent)
     started = time.monotonic()
     assert requests.post(f"{server}/predictions/{prediction_id}/cancel", timeout=30).status_code == 200
     reader.join(timeout=60)
@@ -163,6 +163,14 @@ def test_busy_server_answers_409_and_cancelled_stream_stops(server):
     assert len(outputs) < 2000
     body = predict(server, prompt="Say hi.", max_tokens=4, temperature=0).json()
     assert body["status"] == "succeeded"
+
+
+def test_stop_sequences_end_the_answer_and_are_never_returned(server):
+    inputs = dict(prompt="Name three primary colors.", temperature=0, max_tokens=24)
+    full = "".join(predict(server, **inputs).json()["output"])
+    word = full.split()[3]
+    cut = "".join(predict(server, **inputs, stop_sequences=f"zzz,{word}").json()["output"])
+    assert cut == full[: full.index(word)]
 
 
 def test_compiled_decoding_served_by_cog_answers_as_eager_decoding(tiny_model_dir, tmp_path):

@@ -1,0 +1,400 @@
+"""The one decoding engine behind every front end (the Cog predictor, serve.py, evaluate.py).
+
+Requests are decoded together, continuous-batching style: a background thread runs one step at a time
+over every active sequence; a new request is prefilled alone and joins the batch at the next step, a
+finished or cancelled one leaves it. Each request keeps its own sampling parameters, seed, stop strings
+and LoRA adapter (PEFT's mixed-adapter batches). The running batch shares one KV cache, left-padded to
+its longest sequence, with an attention mask and per-sequence positions, so each sequence is decoded as
+if it were alone (up to floating-point rounding). Beam search, and compiled decoding when it is on
+(generate.use_compiled_decoding), run through transformers' generate(), one request at a time, between steps.
+"""
+
+import asyncio
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .generate import MIN_SAMPLING_TEMPERATURE, GenerationParams, stream
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    stop: Sequence[str] = ()  # strings that end the answer, matched on decoded text, never returned
+    adapter: str | None = None  # a name given to Engine.load_adapter; None: the engine's default model
+    logprobs: int | None = None  # also record each token's log-probability and this many alternatives
+
+
+@dataclass
+class Result:
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tokens: list[dict] = field(default_factory=list)  # with Request.logprobs: {"token", "logprob", "top"} each
+    time_to_first_token: float | None = None
+
+
+_DONE = object()
+
+
+class Handle:
+    """One request in flight: iterate it (sync or async) for text pieces; `result` holds the totals."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None):
+        self.request, self.result = request, Result(input_tokens=len(request.prompt_ids))
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self._started = time.monotonic()
+
+    def _put(self, item) -> None:  # from the engine thread
+        if self._loop:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        else:
+            self._queue.put(item)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            if self.result.time_to_first_token is None:
+                self.result.time_to_first_token = time.monotonic() - self._started
+            self.result.text += text
+            self._put(text)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        self.result.finish_reason = reason
+        self._put(error if error is not None else _DONE)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()  # a consumer that stops early frees its place in the batch
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while (item := await self._queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+
+def emittable(text: str, sent: int, stops: Sequence[str]) -> tuple[int, bool]:
+    """(end, stopped): text[sent:end] is final. stopped: a stop string starts at `end`. Otherwise `end` holds
+    back an unfinished character and a tail that could be the start of a stop string."""
+    for stop in stops:
+        at = text.find(stop, max(0, sent - len(stop)))
+        if at >= 0:
+            return max(at, sent), True
+    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+    for stop in stops:
+        for n in range(min(len(stop) - 1, end - sent), 0, -1):
+            if text[end - n : end] == stop[:n]:
+                end -= n
+                break
+    return end, False
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> int:
+    """A token drawn as generate() draws it (temperature, then top-k, then top-p), on the few candidates
+    top-k leaves: sorting and sampling a whole 49K vocabulary takes tens of milliseconds on a CPU."""
+    scores, index = logits / params.temperature, None
+    if params.top_k:
+        scores, index = scores.topk(min(params.top_k, scores.numel()))  # sorted, largest first
+    elif params.top_p < 1.0:
+        scores, index = scores.sort(descending=True)
+    if params.top_p < 1.0:  # the smallest set whose probability reaches top_p (at least one token)
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs.cumsum(-1) - probs >= params.top_p, float("-inf"))
+    probs = scores.softmax(-1)
+    # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i, without multinomial's cost
+    choice = int((probs / torch.empty_like(probs).exponential_(generator=generator)).argmax())
+    return choice if index is None else int(index[choice])
+
+
+class _Sequence:
+    """Decoding state of one request in the running batch."""
+
+    def __init__(self, handle: Handle, tokenizer, eos_ids: set[int]):
+        self.handle, self.tokenizer, self.eos_ids = handle, tokenizer, eos_ids
+        request = handle.request
+        self.params, self.stop = request.params, [s for s in request.stop if s]
+        self.ids: list[int] = []
+        self.length = len(request.prompt_ids)  # tokens in the cache once this sequence's last token is fed
+        self.sent = 0  # characters of the decoded text already emitted
+        self.sample = self.params.temperature >= MIN_SAMPLING_TEMPERATURE
+        self.generator = None
+        if self.sample:
+            self.generator = torch.Generator(device="cpu")
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Pick the next token from this sequence's last-position logits (1-D, fp32)."""
+        if self.handle.request.logprobs is not None:
+            self._record_logprobs(logits)
+        if not self.sample:
+            return int(logits.argmax())
+        return sample(logits.cpu(), self.params, self.generator)
+
+    def _record_logprobs(self, logits: torch.Tensor) -> None:
+        self._pending_logprobs = logits.log_softmax(-1)
+
+    def advance(self, token: int) -> bool:
+        """Take `token`; emit what text is final; return True when this sequence is finished."""
+        handle = self.handle
+        if handle.request.logprobs is not None:
+            logprobs, k = self._pending_logprobs, handle.request.logprobs
+            top = logprobs.topk(k) if k else None
+            handle.result.tokens.append(dict(
+                token=self.tokenizer.decode([token]), logprob=float(logprobs[token]),
+                top=[] if top is None else [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(*top)]))  # fmt: skip
+        if token in self.eos_ids:
+            return self._end("stop")
+        self.ids.append(token)
+        handle.result.output_tokens = len(self.ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        end, stopped = emittable(text, self.sent, self.stop)
+        if stopped or len(self.ids) >= self.params.max_tokens:
+            handle._emit(text[self.sent : end if stopped else len(text)])
+            return self._end("stop" if stopped else "length")
+        if end > self.sent:
+            handle._emit(text[self.sent : end])
+            self.sent = end
+        return False
+
+    def _end(self, reason: str) -> bool:
+        self.handle._finish(reason)
+        return True
+
+
+class Engine:
+    """Continuous batching over one model. Thread-safe: submit from any thread or event loop."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, default_adapter: str | None = None):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        # The adapter a request without one gets: a PeftModel's active one (setup(weights) unmerged, a model in training).
+        self.default_adapter = model.active_adapter if default_adapter is None and hasattr(model, "peft_config") else default_adapter
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.lock = threading.Lock()  # held for each step; adapter loading and beam search take it too
+        self._waiting: queue.Queue[Handle] = queue.Queue()
+        self._running: list[_Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (batch, cache length): 1 where a sequence has a token
+        self._padded = False  # whether the mask has a 0 anywhere
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="alpaca-cog-engine", daemon=True)
+        self._thread.start()
+
+    # ---- front ends -------------------------------------------------------------------------------
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a request; raises ValueError at once for a prompt the context cannot hold."""
+        context = self.model.config.max_position_embeddings
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise ValueError("prompt: empty after tokenization")
+        if prompt_len >= context:
+            raise ValueError(f"prompt: {prompt_len} tokens with its template; the model's context holds {context}")
+        if prompt_len + request.params.max_tokens > context:  # documented: the answer is cut at the end of the context
+            request.params = GenerationParams(**{**request.params.__dict__, "max_tokens": context - prompt_len})
+        handle = Handle(request, loop)
+        if request.params.beams > 1 or self.model.generation_config.cache_implementation == "static":
+            threading.Thread(target=self._generate_alone, args=(handle,), daemon=True).start()
+        else:
+            self._waiting.put(handle)
+            self._wake.set()
+        return handle
+
+    def stream(self, request: Request) -> Handle:
+        return self.submit(request)
+
+    def astream(self, request: Request) -> Handle:
+        """For `async for piece in engine.astream(request)` inside a running event loop."""
+        return self.submit(request, asyncio.get_running_loop())
+
+    def complete(self, requests: list[Request]) -> list[Result]:
+        """Decode every request (batched) and return their results in order."""
+        handles = [self.submit(r) for r in requests]
+        for handle in handles:
+            for _ in handle:
+                pass
+        return [h.result for h in handles]
+
+    def close(self) -> None:
+        """Stop the step loop once nothing is running (the engine cannot be used afterwards)."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def load_adapter(self, name: str, folder) -> None:
+        """Load a PEFT adapter under `name`, beside the others; requests pick it by name."""
+        from peft import PeftModel
+
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
+
+    def delete_adapter(self, name: str) -> None:
+        with self.lock:
+            self.model.delete_adapter(name)
+
+    def adapters_in_use(self) -> set[str]:
+        return {s.handle.request.adapter for s in self._running} | {self.default_adapter}
+
+    # ---- the step loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not (self._closed and not self._running and self._waiting.empty()):
+            if not self._running:
+                self._wake.wait()
+            self._wake.clear()
+            with self.lock:
+                try:
+                    self._admit()
+                    if self._running:
+                        self._step()
+                except Exception as e:  # a failed step fails the requests in it, never the engine
+                    for seq in self._running:
+                        seq.handle._finish("error", e)
+                    self._running, self._cache, self._mask = [], None, None
+
+    def _adapter_names(self, sequences: list[_Sequence]) -> dict:
+        if not hasattr(self.model, "peft_config"):
+            return {}
+        return {"adapter_names": [s.handle.request.adapter or self.default_adapter or BASE for s in sequences]}
+
+    def _admit(self) -> None:
+        """Prefill waiting requests one by one and add them to the running batch."""
+        while len(self._running) < self.max_batch:
+            try:
+                handle = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            if handle.cancelled.is_set():
+                handle._finish("cancelled")
+                continue
+            seq = _Sequence(handle, self.tokenizer, self.eos_ids)
+            ids = torch.tensor([handle.request.prompt_ids], device=self.model.device)
+            cache = DynamicCache(config=self.model.config)
+            try:
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                        **self._adapter_names([seq])).logits[0, -1].float()  # fmt: skip
+                if seq.advance(seq.next_token(logits)):
+                    continue
+            except Exception as e:  # this request fails alone
+                handle._finish("error", e)
+                continue
+            self._join(seq, cache)
+
+    def _join(self, seq: _Sequence, cache: DynamicCache) -> None:
+        """Add a prefilled sequence to the running batch, left-padding the shorter cache."""
+        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.model.device)
+        if self._cache is None:
+            self._cache, self._mask, self._running, self._padded = cache, mask, [seq], False
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._padded = self._padded or self._mask.shape[1] != mask.shape[1]
+        for ours, theirs in zip(self._cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(ours, name), getattr(theirs, name)
+                setattr(ours, name, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)]))
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self._running.append(seq)
+
+    def _step(self) -> None:
+        """One token for every running sequence; finished and cancelled ones leave the batch."""
+        running = self._running
+        device = self.model.device
+        last = torch.tensor([[s.ids[-1]] for s in running], device=device)
+        positions = torch.tensor([[s.length] for s in running], device=device)
+        self._mask = torch.cat([self._mask, torch.ones(len(running), 1, dtype=torch.long, device=device)], dim=1)
+        # Without padding (one sequence, or all of one length) the mask says nothing: let the model skip it.
+        mask = self._mask if self._padded else None
+        with torch.inference_mode():
+            logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                                past_key_values=self._cache, use_cache=True, **self._adapter_names(running)).logits[:, -1].float()  # fmt: skip
+        keep = []
+        for i, seq in enumerate(running):
+            seq.length += 1
+            if seq.handle.cancelled.is_set():
+                seq._end("cancelled")
+            elif not seq.advance(seq.next_token(logits[i])):
+                keep.append(i)
+        if len(keep) < len(running):
+            self._shrink(keep)
+
+    def _shrink(self, keep: list[int]) -> None:
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        self._running = [self._running[i] for i in keep]
+        index = torch.tensor(keep, device=self.model.device)
+        mask = self._mask[index]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row go
+        self._mask = mask[:, start:]
+        self._padded = not bool(self._mask.all())
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+    def _generate_alone(self, handle: Handle) -> None:
+        """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""
+        request = handle.request
+        adapter = request.adapter or self.default_adapter or BASE
+        peft = hasattr(self.model, "peft_config")
+        try:
+            with self.lock:
+                if peft and adapter != BASE:
+                    self.model.set_adapter(adapter)
+                stats, text, sent, stopped = {}, "", 0, False
+                with self.model.disable_adapter() if peft and adapter == BASE else nullcontext():
+                    pieces = stream(self.model, self.tokenizer, request.prompt_ids, request.params, stats)
+                    for piece in pieces:
+                        text += piece
+                        end, stopped = emittable(text, sent, request.stop)
+                        handle._emit(text[sent:end])
+                        sent = end
+                        if stopped or handle.cancelled.is_set():
+                            pieces.close()  # generate() returns at its next token
+                            break
+                    if not stopped:
+                        handle._emit(text[sent:])
+                handle.result.output_tokens = stats.get("output_tokens", handle.result.output_tokens)
+            if handle.cancelled.is_set():
+                handle._finish("cancelled")
+            else:
+                handle._finish("stop" if stopped or handle.result.output_tokens < request.params.max_tokens else "length")
+        except Exception as e:
+            handle._finish("error", e)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [missing, 0]  # F.pad lists dimensions from the last one back
+    return F.pad(x, pad)
