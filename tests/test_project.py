@@ -3,6 +3,7 @@
 import ast
 import importlib.metadata
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,28 +42,58 @@ def test_cog_yaml_is_valid_for_cogs_schema_and_targets_current_cog():
     assert requirements("requirements.txt")["torch"] == "2.13.0"
 
 
-def _third_party_imports() -> set[str]:
-    files = [*ROOT.glob("*.py"), *(ROOT / "alpaca_cog").glob("*.py")]
-    local = {"alpaca_cog", *(f.stem for f in ROOT.glob("*.py"))}
-    names = set()
-    for file in files:
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in local}
+def _imports(file: Path) -> tuple[set[str], set[Path]]:
+    """(third-party top-level modules, this project's files) that `file` imports, at any depth of its code."""
+    third_party, local = set(), set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "alpaca_cog." if node.level else ""
+            modules = [base + (node.module or "")] + [f"{base}{node.module or ''}.{a.name}".replace("..", ".") for a in node.names]
+        else:
+            continue
+        for module in modules:
+            path = ROOT / (module.replace(".", "/") + ".py")
+            if path.is_file():
+                local.add(path)
+            elif module.split(".")[0] not in {"alpaca_cog", *sys.stdlib_module_names} and not (ROOT / f"{module.split('.')[0]}.py").exists():
+                third_party.add(module.split(".")[0])
+    return third_party, local
 
 
-def test_every_third_party_import_is_a_pinned_requirement():
+def _third_party_imports(entry_points: list[str]) -> set[str]:
+    """Everything the entry points import, following this project's modules (lazy imports included)."""
+    todo, seen, names = [ROOT / e for e in entry_points], set(), set()
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        third_party, local = _imports(file)
+        names |= third_party
+        todo += local
+    return names
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("entry_points, files", [
+    (["predict.py", "train.py", "convert_weights.py"], ["requirements.txt"]),  # the image (cog.yaml)
+    (["serve.py", "generate_data.py", "evaluate.py"], ["requirements.txt", "requirements-dev.txt"]),  # local tools
+])  # fmt: skip
+def test_every_third_party_import_is_a_pinned_requirement(entry_points, files):
     # Cog's own SDK is pinned in cog.yaml (sdk_version) and installed by Cog in the image.
-    pinned = set(requirements("requirements.txt")) | {"cog", "coglet"}
+    pins = {_normalized(k): v for f in files for k, v in requirements(f).items()}
+    pinned = set(pins) | {"cog", "coglet"}
     distributions = importlib.metadata.packages_distributions()
-    for module in _third_party_imports():
-        dists = {d.lower() for d in distributions.get(module, [module])}
-        assert dists & pinned, f"import {module} ({dists}) is not pinned in requirements.txt"
+    for module in _third_party_imports(entry_points):
+        dists = {_normalized(d) for d in distributions.get(module, [module])}
+        assert dists & pinned, f"import {module} ({dists}) is not pinned in {' or '.join(files)}"
         for dist in dists & pinned - {"cog", "coglet"}:
-            assert importlib.metadata.version(dist).split("+")[0] == requirements("requirements.txt")[dist]
+            assert importlib.metadata.version(dist).split("+")[0] == pins[dist]
 
 
 def test_weights_are_the_embedded_gguf_model_with_equal_logits(weights_dir):
