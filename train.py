@@ -46,6 +46,8 @@ def train(
     checkpoint_steps: int = Input(description="Write a resumable checkpoint every this many steps; 0 never.", default=200, ge=0),
     logging_steps: int = Input(description="Report training loss every this many steps.", default=10, ge=1),
     eval_steps: int = Input(description="Report validation loss every this many steps.", default=200, ge=1),
+    eval_at_end: bool = Input(description="After training, score the model on up to 64 validation examples (response perplexity, "
+                              "ROUGE-L and exact match of greedy answers) into metrics.json and eval.png; adds minutes.", default=False),
 ) -> TrainingOutput:
     inputs = dict(locals())
     output_path = Path(tempfile.mkdtemp(prefix="alpaca-cog-training-")) / "training_output.tar"

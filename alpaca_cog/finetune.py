@@ -227,6 +227,27 @@ def plot_losses(history: dict, path: Path) -> None:
 
 
 ARCHIVE_FILES = ["adapter_model.safetensors", "adapter_config.json", "prompt_template.json", "metrics.json", "loss.png"]
+EVAL_AT_END_EXAMPLES = 64  # a signal, not a benchmark: greedy answers dominate the time, and trainings should stay short
+
+
+def evaluate_at_end(model, tokenizer, examples: list, template: str, cutoff_len: int, sharded: bool) -> dict | None:
+    """eval_at_end: the trained model on (at most 64 of) the validation examples, for metrics.json and eval.png."""
+    from .evaluation import evaluate_model  # rouge_score and its nltk load only when asked for
+
+    if sharded:  # only all processes together can run a sharded model, and greedy answers would have to stay in step
+        print("eval_at_end: skipped under fsdp; run evaluate.py on the archive", flush=True)
+        return None
+    if not examples:
+        print("eval_at_end: skipped, no validation examples (val_set_size 0)", flush=True)
+        return None
+    examples = examples[:EVAL_AT_END_EXAMPLES]
+    # Room for an answer half as long again as the longest reference; beyond cutoff_len nothing was trained.
+    max_tokens = min(cutoff_len, max(len(tokenizer(e.output, add_special_tokens=False)["input_ids"]) for e in examples) * 3 // 2)
+    print(f"eval_at_end: {len(examples)} validation examples, greedy answers of up to {max_tokens} tokens", flush=True)
+    result = evaluate_model(model.eval(), tokenizer, examples, template, max_tokens)
+    print(f"eval_at_end: perplexity {result['perplexity']:.3f}, ROUGE-L {result['rouge_l']:.3f}"
+          + (f", exact match {result['exact_match']:.1%}" if result["exact_match"] is not None else ""), flush=True)  # fmt: skip
+    return result
 
 
 def write_archive(model, adapter: dict, tokenizer, prompt_template: str, metrics: dict, output_path: Path) -> None:
@@ -239,8 +260,14 @@ def write_archive(model, adapter: dict, tokenizer, prompt_template: str, metrics
         (tmp / "prompt_template.json").write_text(json.dumps(template, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_losses(metrics["history"], tmp / "loss.png")
+        names = ARCHIVE_FILES
+        if "evaluation" in metrics:
+            from .evaluation import plot_evaluation
+
+            plot_evaluation({"trained": metrics["evaluation"]}, tmp / "eval.png")
+            names = [*ARCHIVE_FILES, "eval.png"]
         with atomic_file(output_path) as partial, tarfile.open(partial, "w") as tar:
-            for name in ARCHIVE_FILES:
+            for name in names:
                 tar.add(tmp / name, arcname=name)
 
 
@@ -311,6 +338,7 @@ def finetune(
     checkpoint_steps: int,
     logging_steps: int,
     eval_steps: int,
+    eval_at_end: bool,
 ) -> Path:
     """Train a LoRA adapter on Alpaca-format data; write the weights archive to output_path and return it.
 
@@ -342,7 +370,7 @@ def finetune(
         for example in examples:
             item, was_truncated = tokenize(example, tokenizer, prompt_template, cutoff_len, train_on_inputs)
             if any(label != IGNORE_INDEX for label in item["labels"][1:]):  # an example cut before its answer teaches nothing
-                encoded.append(item)
+                encoded.append(item | {"example": example})  # the text too, for eval_at_end
             truncated += was_truncated
         say(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}")
 
@@ -471,6 +499,11 @@ def finetune(
             device=procs.device, processes=procs.count, history=history,
         )  # fmt: skip
         adapter = trainable_state(model)  # every process gathers its shards
+        if eval_at_end and procs.main:
+            with autocast:
+                evaluation = evaluate_at_end(model, tokenizer, [v["example"] for v in val], prompt_template, cutoff_len, shard)
+            if evaluation is not None:
+                metrics["evaluation"] = evaluation
         if procs.main:
             write_archive(model, adapter, tokenizer, prompt_template, metrics, Path(output_path))
         say(f"done in {_duration(time.monotonic() - started)}: final train loss {metrics['final_train_loss']:.4f}")
