@@ -1,8 +1,9 @@
 """Turn model weights into the Hugging Face folder in weights/, and export them to other formats.
 
 Import (into --output_dir, default weights/):
-  python convert_weights.py --input_dir unconverted-weights --model_size 7B --output_dir weights   # Meta's checkpoints
-  python convert_weights.py --gguf [FILE.gguf]        # a GGUF file; without FILE the embedded SmolLM2 default
+  python convert_weights.py --input_dir unconverted-weights --model_size 7B --output_dir weights --force   # Meta's
+  python convert_weights.py --gguf [FILE.gguf] --force   # a GGUF file; without FILE the embedded SmolLM2 default
+  (weights/ already holds the default model after any `make` target: --force replaces it)
 
 Export (from --model_dir, default weights/, with --adapter merged in when given):
   python convert_weights.py --to merged --adapter training_output.tar --output_dir merged   # base + LoRA, HF format
@@ -17,6 +18,7 @@ import sys
 import torch
 
 from alpaca_cog import convert
+from alpaca_cog.outputs import check_replaceable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--to {args.to} needs --output_dir")
     output = args.output_dir or "weights"
     try:
+        check_replaceable(output, args.force)  # before reading a checkpoint for minutes
         if args.input_dir:
             out = convert.meta_to_hf(args.input_dir, args.model_size or "", output, force=args.force)
         elif args.gguf:

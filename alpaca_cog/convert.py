@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaTokenizer
 
-from .outputs import atomic_dir, atomic_file
+from .outputs import atomic_dir, atomic_file, check_replaceable
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Model-parallel shard counts of Meta's releases, for a clear error when files are missing.
@@ -328,8 +328,7 @@ def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_
     import numpy as np
 
     output_path = Path(output_path)
-    if output_path.exists() and not force:
-        raise FileExistsError(f"{output_path} exists; pass --force to replace it")
+    check_replaceable(output_path, force)
     kinds = {"f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
              "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}  # fmt: skip
     if outtype not in kinds:

@@ -11,13 +11,21 @@ from typing import Iterator
 PLACEHOLDERS = {"README.md", ".gitignore", ".gitkeep"}
 
 
+def check_replaceable(target: str | Path, force: bool) -> None:
+    """Refuse a non-empty output folder or an existing output file unless `force`: checked before any
+    long work, so a user learns it at once."""
+    target = Path(target)
+    existing = [p for p in target.iterdir() if p.name not in PLACEHOLDERS] if target.is_dir() else []
+    if (existing or target.is_file()) and not force:
+        what = f"is not empty ({existing[0].name}, ...)" if existing else "exists"
+        raise FileExistsError(f"{target} {what}; pass --force to replace it")
+
+
 @contextmanager
 def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
-    existing = [p for p in target.iterdir() if p.name not in PLACEHOLDERS] if target.is_dir() else []
-    if existing and not force:
-        raise FileExistsError(f"{target} is not empty ({existing[0].name}, ...); pass --force to replace it")
+    check_replaceable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
