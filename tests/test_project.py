@@ -3,6 +3,7 @@
 import ast
 import importlib.metadata
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -140,3 +141,50 @@ def test_config_file_supplies_inputs_and_flags_override_it(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_inputs(train, parser_for(train), ["--config", str(config)])
         assert message in capsys.readouterr().err, text
+
+
+def test_alpaca_cog_environment_variables_share_one_meaning_of_yes_and_no(monkeypatch):
+    from alpaca_cog.env import env_flag, env_int
+
+    for value, expected in [("1", True), ("true", True), ("Yes", True), ("on", True), ("0", False), ("false", False), ("NO", False), ("", True)]:
+        monkeypatch.setenv("ALPACA_COG_COMPILE", value)
+        assert env_flag("ALPACA_COG_COMPILE", True) is expected, value
+    monkeypatch.setenv("ALPACA_COG_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="ALPACA_COG_COMPILE='maybe': expected one of 1/0, true/false"):
+        env_flag("ALPACA_COG_COMPILE", False)
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "0")
+    with pytest.raises(ValueError, match="COG_MAX_CONCURRENCY='0'"):
+        env_int("COG_MAX_CONCURRENCY", 8)
+
+
+def test_an_import_into_a_full_weights_folder_is_refused_before_reading_the_checkpoint(tmp_path, capsys):
+    import convert_weights
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    # The input does not exist: a refusal that names the output proves the output was checked first.
+    assert convert_weights.main(["--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")]) == 1
+    assert "out is not empty (config.json, ...); pass --force to replace it" in capsys.readouterr().err
+
+
+def test_make_predict_falls_back_to_alpaca_for_a_base_without_a_chat_template(tiny_model_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def planned(base) -> str:
+        return subprocess.run(["make", "-n", "predict", f"ALPACA_COG_BASE_WEIGHTS={base}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    assert "--prompt_template chat" in planned(tiny_model_dir)
+    assert "--prompt_template alpaca" in planned(plain)
+    # and predict.py itself answers a bad request with the message, not a traceback
+    env = {**os.environ, "ALPACA_COG_BASE_WEIGHTS": str(plain)}
+    run = subprocess.run([sys.executable, "predict.py", "--prompt", "Hi", "--prompt_template", "chat", "--max_tokens", "2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1 and run.stderr.strip().endswith("error: prompt_template 'chat': this tokenizer has no chat template; use 'alpaca' or 'none'")
+    assert "Traceback" not in run.stderr
