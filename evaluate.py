@@ -7,7 +7,6 @@ final answers (GSM8K's `#### N`); a side-by-side table of a few answers, then th
 """
 
 import json
-import os
 import sys
 import tempfile
 
@@ -15,11 +14,12 @@ from cog import Input, Path
 
 from alpaca_cog.archive import adapter_dir
 from alpaca_cog.data import load_examples
+from alpaca_cog.env import env_path
 from alpaca_cog.evaluation import answers_table, evaluate_model, summary_table
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import TEMPLATE_NAMES
 
-BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")
+BASE_WEIGHTS = env_path("ALPACA_COG_BASE_WEIGHTS", "weights")
 
 
 def evaluate(

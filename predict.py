@@ -34,7 +34,7 @@ class Predictor(BaseRunner):
             self.default_template = prompt_template_of(folder)
             print(f"adapter from {weights} applied ({'merged' if merge else 'unmerged'})")
         # Compiled decoding (static KV cache + torch.compile) decodes one request at a time: opt-in, since
-        # batching serves concurrent requests better (README, Performance).
+        # batching serves concurrent requests better (docs/performance.md).
         compiled = env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, self.tokenizer)
         batch = env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY)
         self.engine = Engine(model, self.tokenizer, max_batch=batch)  # an unmerged adapter is every request's default
@@ -64,7 +64,7 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         # An async run() lets Cog run predictions concurrently. It returns a plain generator because Cog 0.23.1
         # (coglet) streams those token by token, while it collects an async generator whole; the price is that
-        # Cog's cancel no longer reaches the generator once it streams (README, "Cancelling").
+        # Cog's cancel no longer reaches the generator once it streams (docs/internals.md, "Cancelling").
         if seed is None:
             seed = random.randint(0, 2**31 - 1)
         print(f"seed: {seed}")

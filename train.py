@@ -13,11 +13,12 @@ import tempfile
 from cog import BaseModel, Input, Path
 
 from alpaca_cog import distributed
+from alpaca_cog.env import env_path
 from alpaca_cog.finetune import Interrupted, finetune
 from alpaca_cog.prompts import TEMPLATE_NAMES
 
-BASE_WEIGHTS = os.environ.get("ALPACA_COG_BASE_WEIGHTS", "weights")
-CHECKPOINT_DIR = os.environ.get("ALPACA_COG_CHECKPOINTS", "checkpoints")
+BASE_WEIGHTS = env_path("ALPACA_COG_BASE_WEIGHTS", "weights")
+CHECKPOINT_DIR = env_path("ALPACA_COG_CHECKPOINTS", "checkpoints")
 
 
 class TrainingOutput(BaseModel):

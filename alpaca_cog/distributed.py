@@ -17,6 +17,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .env import env_int
 from .model import default_device
 
 
@@ -137,7 +138,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 
 def process_count() -> int:
     """Training processes for this machine: ALPACA_COG_PROCESSES if set, else one per GPU."""
-    return int(os.environ.get("ALPACA_COG_PROCESSES") or max(1, torch.cuda.device_count()))
+    return env_int("ALPACA_COG_PROCESSES", max(1, torch.cuda.device_count()))
 
 
 def launch(script: str, inputs: dict, output_path: Path, count: int) -> Path:

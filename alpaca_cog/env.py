@@ -7,6 +7,8 @@
 | ALPACA_COG_MERGE | predict.py | yes/no: merge setup(weights)'s adapter into the base | yes |
 | ALPACA_COG_COMPILE | predict.py, serve.py | yes/no: compiled one-at-a-time decoding instead of batching | no |
 | ALPACA_COG_ADAPTER_CACHE | predict.py, serve.py | per-request adapters kept loaded | 10 |
+| ALPACA_COG_PROCESSES | train.py (Cog training) | training processes on this machine | one per GPU |
+| ALPACA_COG_API_KEY | serve.py | the key clients must send (`Authorization: Bearer KEY`) | none: open |
 | COG_MAX_CONCURRENCY | predict.py (Cog's own) | requests decoded together | 8 |
 """
 

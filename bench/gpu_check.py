@@ -1,4 +1,4 @@
-"""GPU checks, run as one short script on a lent GPU machine (see README, "GPU checks").
+"""GPU checks, run as one short script on a lent GPU machine (see docs/performance.md, "GPU checks").
 
 No model weights travel (the lending machine has no network and a small upload limit), so the
 models are random-weight LLaMAs of real shapes: SmolLM2-135M's (with its real tokenizer) for the

@@ -1,6 +1,6 @@
 """GPU memory per process for LoRA training of the LLaMA sizes, computed from parameter counts.
 
-Prints the README's Scaling table (markdown) and the same numbers as JSON. An estimate, not a
+Prints docs/scaling.md's memory table (markdown) and the same numbers as JSON. An estimate, not a
 measurement: weights and adapter state exactly, activations from the tensors a LLaMA layer
 keeps for backward (counted on SmolLM2) (no activation checkpointing, bf16, our chunked loss that never holds full logits).
 

@@ -132,7 +132,7 @@ def test_streaming_yields_several_output_events_before_completed(server):
 
 def test_cancelled_stream_is_reported_canceled_and_the_next_request_is_served(server):
     """Cog 0.23.1 cancels an async run()'s coroutine only: once its generator streams, the prediction is
-    reported canceled while its tokens run on to max_tokens (README, Serving). Short, so the test is too."""
+    reported canceled while its tokens run on to max_tokens (docs/internals.md, "Cancelling"). Short, so the test is too."""
     prediction_id = "cancel-me"
     outputs: list[str] = []
     final: dict = {}
