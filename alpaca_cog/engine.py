@@ -13,8 +13,8 @@ import asyncio
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -151,14 +151,11 @@ class _Sequence:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick the next token from this sequence's last-position logits (1-D, fp32)."""
-        if self.handle.request.logprobs is not None:
-            self._record_logprobs(logits)
+        if self.handle.request.logprobs is not None:  # kept for advance(), which knows the token
+            self._pending_logprobs = logits.log_softmax(-1)
         if not self.sample:
             return int(logits.argmax())
         return sample(logits.cpu(), self.params, self.generator)
-
-    def _record_logprobs(self, logits: torch.Tensor) -> None:
-        self._pending_logprobs = logits.log_softmax(-1)
 
     def advance(self, token: int) -> bool:
         """Take `token`; emit what text is final; return True when this sequence is finished."""
@@ -226,9 +223,6 @@ class Engine:
             self._waiting.put(handle)
             self._wake.set()
         return handle
-
-    def stream(self, request: Request) -> Handle:
-        return self.submit(request)
 
     def astream(self, request: Request) -> Handle:
         """For `async for piece in engine.astream(request)` inside a running event loop."""

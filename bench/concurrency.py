@@ -10,7 +10,6 @@ adapter (cold load, cache hit). The sequential side answers a busy server's 409 
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

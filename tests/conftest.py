@@ -7,6 +7,7 @@ import sys
 import tarfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,31 +80,61 @@ def cog_server(tmp_path: Path, train: bool = False, env: dict | None = None, rea
         **({} if train else {"COG_MAX_CONCURRENCY": str(max_concurrency(f"{cwd}/predict.py:Predictor"))}),  # as `cog build` bakes it
         **(env or {}),
     }
-    log = open(tmp_path / f"cog-server-{port}.log", "w")
     args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"] + (["--x-mode", "train"] if train else [])
-    proc = subprocess.Popen(args, cwd=cwd, env=server_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        health = requests.get(f"{url}/health-check", timeout=5).json()
+        assert health["status"] != "SETUP_FAILED", json.dumps(health)[-3000:]
+        return health["status"] == "READY"
+
+    with running(args, tmp_path / f"cog-server-{port}.log", ready, cwd=cwd, env=server_env, ready_timeout=ready_timeout):
+        yield url
+
+
+@contextmanager
+def running(args: list[str], log: Path, ready, cwd: Path = ROOT, env: dict | None = None, ready_timeout: float = 300):
+    """A server process started as a user starts it, its output in `log`; yields it once ready() is true."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
-            assert proc.poll() is None, f"cog server exited: {(tmp_path / log.name).read_text()[-3000:]}"
+            assert proc.poll() is None, f"{args[1:3]} exited: {log.read_text()[-3000:]}"
             try:
-                health = requests.get(f"{url}/health-check", timeout=5).json()
-                if health["status"] == "READY":
+                if ready():
                     break
-                assert health["status"] != "SETUP_FAILED", json.dumps(health)[-3000:]
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "cog server not ready in time"
-            time.sleep(0.5)
-        yield url
+            assert time.monotonic() < deadline, f"{args[1:3]} not ready in time"
+            time.sleep(0.3)
+        yield proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_lines(self, needle: str) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if needle in line]
+
+
+@contextmanager
+def serve_py(tmp_path: Path, *args: str, ready_timeout: float = 300):
+    """`python serve.py` on a free port, as a user starts it; yields once /health answers."""
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / f"serve-{port}.log"
+    ready = lambda: requests.get(f"{url}/health", timeout=5).status_code == 200  # noqa: E731
+    with running([sys.executable, "serve.py", "--port", str(port), *args], log, ready, ready_timeout=ready_timeout) as proc:
+        yield Server(url, proc, log)
 
 
 def _save_tiny_llama(weights_dir: Path, path: Path, **overrides) -> Path:

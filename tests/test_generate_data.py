@@ -14,14 +14,13 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-import requests
 from rouge_score import rouge_scorer
 
 import generate_data
 from alpaca_cog import selfinstruct
 from alpaca_cog.data import Example, load_examples
 from alpaca_cog.selfinstruct import Reply, Report, SimilarityIndex, encode_prompt, parse_reply, rejection
-from conftest import DATA, FIXTURES, ROOT, free_port
+from conftest import DATA, FIXTURES, ROOT, free_port, serve_py
 
 SEEDS = DATA / "alpaca_seed_tasks.jsonl"
 REPLIES = FIXTURES / "selfinstruct"
@@ -318,25 +317,12 @@ def test_unreachable_server_and_bad_output_file_are_errors(tmp_path, capsys):
 
 def test_end_to_end_on_serve_py_resumes_after_a_kill_and_trains(tmp_path, weights_dir):
     """A small data set from the seed tasks by SmolLM2 through serve.py; SIGKILLed midway, rerun, then trained on."""
-    port, out = free_port(), tmp_path / "data.json"
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "serve.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    # Short replies at a lower temperature: SmolLM2 at 1.0 often rambles to max_tokens without a usable item,
-    # and each 512-token reply takes a minute on 2 cores.
-    generate = [sys.executable, "generate_data.py", "--seed_tasks", str(SEEDS), "--output", str(out), "--num_instructions", "3",
-                "--base_url", url, "--api", "completions", "--max_tokens", "160", "--temperature", "0.7", "--concurrency", "2"]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/models", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "serve.py not ready in time"
-            time.sleep(0.5)
+    out = tmp_path / "data.json"
+    with serve_py(tmp_path) as server:
+        # Short replies at a lower temperature: SmolLM2 at 1.0 often rambles to max_tokens without a usable item,
+        # and each 512-token reply takes a minute on 2 cores.
+        generate = [sys.executable, "generate_data.py", "--seed_tasks", str(SEEDS), "--output", str(out), "--num_instructions", "3",
+                    "--base_url", f"{server.url}/v1", "--api", "completions", "--max_tokens", "160", "--temperature", "0.7", "--concurrency", "2"]  # fmt: skip
         killed = subprocess.Popen(generate, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while not out.exists():
@@ -355,10 +341,6 @@ def test_end_to_end_on_serve_py_resumes_after_a_kill_and_trains(tmp_path, weight
         if len(first) < 3:  # the killed run's first reply may already have held all three
             assert report["requests"] >= 1 and report["completion_tokens"] > 0
         print(json.dumps(report, indent=2), json.dumps(final, indent=2, ensure_ascii=False), sep="\n")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
     env = {**os.environ, "ALPACA_COG_CHECKPOINTS": str(tmp_path / "ckpt")}
     trained = subprocess.run([sys.executable, "train.py", "--train_data", str(out), "--max_steps", "2", "--batch_size", "2", "--micro_batch_size", "2",
                               "--val_set_size", "0", "--checkpoint_steps", "0", "--output_path", str(tmp_path / "out.tar")],

@@ -5,12 +5,8 @@ tiny random model (fast); one module-scoped server runs the real SmolLM2 for exa
 import asyncio
 import base64
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,49 +20,10 @@ from alpaca_cog.engine import Engine, Request
 from alpaca_cog.generate import GenerationParams
 from alpaca_cog.model import load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
-from conftest import ROOT, free_port, run_finetune, tiny_llama
+from conftest import run_finetune, serve_py as serve, tiny_llama
 
 KEY = "sk-test-key"
 PROMPT = "Name three primary colors."
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def log_lines(self, needle: str) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if needle in line]
-
-
-@contextmanager
-def serve(tmp_path: Path, *args: str, ready_timeout: float = 300):
-    """`python serve.py` on a free port, as a user starts it; yields once /health answers."""
-    port = free_port()
-    log = tmp_path / f"serve-{port}.log"
-    with open(log, "w") as out:
-        command = [sys.executable, "serve.py", "--port", str(port), *args]
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            assert proc.poll() is None, f"serve.py exited: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "serve.py not ready in time"
-            time.sleep(0.3)
-        yield Server(url, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import requests
 
-from conftest import FIXTURES, cog_server, run_finetune, submit
+from conftest import cog_server, run_finetune, submit
 
 MAX = 8  # predict.py's @cog.concurrent(max=8)
 PROMPTS = ["Name three primary colors.", "What is 2 + 2?", "Say hello.", "Tell me about alpacas.",
