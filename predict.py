@@ -103,9 +103,12 @@ if __name__ == "__main__":  # python predict.py --prompt "..." [--weights traini
     async def main() -> None:
         predictor = Predictor()
         predictor.setup(weights=parser.parse_args().weights)
-        for text in await predictor.run(**inputs):
-            print(text, end="", flush=True)
-        print()
+        try:
+            for text in await predictor.run(**inputs):
+                print(text, end="", flush=True)
+            print()
+        finally:
+            predictor.engine.close()  # exiting while its thread is inside torch would abort the interpreter
 
     try:
         asyncio.run(main())

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = "compiled decoding, one request at a time" if compiled else f"batched decoding, up to {args.max_batch} requests"
     print(f"model on {model.device}, {model.dtype}, {mode}; serving {', '.join(m.id for m in served.models())} "
           f"at http://{args.host}:{args.port}{' (API key required)' if args.api_key else ''}", flush=True)  # fmt: skip
-    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()  # exiting while its thread is inside torch would abort the interpreter
 
 
 if __name__ == "__main__":

@@ -237,8 +237,15 @@ class Engine:
         return [h.result for h in handles]
 
     def close(self) -> None:
-        """Stop the step loop once nothing is running (the engine cannot be used afterwards)."""
+        """Cancel what is decoding or waiting and stop the step loop (the engine cannot be used afterwards)."""
         self._closed = True
+        for seq in list(self._running):
+            seq.handle.cancel()
+        while True:
+            try:
+                self._waiting.get_nowait()._finish("cancelled")
+            except queue.Empty:
+                break
         self._wake.set()
         self._thread.join()
 
