@@ -312,6 +312,82 @@ class Interrupted(Exception):
         self.signal = signal
 
 
+def _encode_and_split(examples: list, tokenizer, prompt_template: str, cutoff_len: int, train_on_inputs: bool,
+                      val_set_size: int, seed: int, say) -> tuple[list[dict], list[dict], int]:
+    """(train, validation, truncated count): the examples tokenized, shuffled (seeded) and split."""
+    encoded, truncated = [], 0
+    for example in examples:
+        item, was_truncated = tokenize(example, tokenizer, prompt_template, cutoff_len, train_on_inputs)
+        if any(label != IGNORE_INDEX for label in item["labels"][1:]):  # an example cut before its answer teaches nothing
+            encoded.append(item | {"example": example})  # the text too, for eval_at_end
+        truncated += was_truncated
+    say(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}")
+    random.Random(seed).shuffle(encoded)
+    if val_set_size >= len(encoded) // 2 and val_set_size:
+        val_set_size = len(encoded) // 10
+        say(f"val_set_size lowered to {val_set_size} (a tenth of the {len(encoded)} examples)")
+    return encoded[val_set_size:], encoded[:val_set_size], truncated
+
+
+def _lora_model(base_weights, procs: Processes, shard: bool, quantization: Quantization, lora: dict, say):
+    """The base model (quantized if asked) with fresh LoRA adapters on `lora["target_modules"]`."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    # FSDP shards from host memory, so no GPU ever holds the whole model.
+    model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=default_dtype(procs.device),
+                       quantization=quantization, training=True)  # fmt: skip
+    if quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        model = get_peft_model(model, LoraConfig(**lora, bias="none", task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise ValueError(f"lora_target_modules: {e}") from None
+    if procs.main:
+        model.print_trainable_parameters()
+    return model
+
+
+def _load_adapter_to_resume(model, resume_from: Path, lora_fingerprint: dict, say) -> dict | None:
+    """Put a checkpoint's (or an earlier output's) adapter into `model`; return the checkpoint, if it was one."""
+    from peft import set_peft_model_state_dict
+
+    checkpoint = None
+    if resume_from.is_dir():
+        checkpoint = _read_checkpoint(resume_from, lora_fingerprint)
+        adapter = checkpoint["adapter"]
+    else:
+        adapter = load_file(adapter_dir(str(resume_from)) / "adapter_model.safetensors")
+        say(f"initialised the adapter from {resume_from}")
+    set_peft_model_state_dict(model, adapter)  # before sharding: whole tensors into whole parameters
+    return checkpoint
+
+
+def _backward(loss_module, mine: list[dict], labels: int, procs: Processes, autocast) -> tuple[float, int]:
+    """Gradients of this process's micro-batches of one step; (summed loss, tokens) of them."""
+    step_loss, tokens = 0.0, 0
+    for i, b in enumerate(mine):
+        b = {k: v.to(procs.device) for k, v in b.items()}
+        with gradient_sync(loss_module, enabled=i == len(mine) - 1):
+            with autocast:
+                loss = loss_module(**b)
+            # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
+            (loss * (procs.count / max(1, labels))).backward()
+        step_loss += loss.item()
+        tokens += b["input_ids"].numel()
+    return step_loss, tokens
+
+
+def _log_window(window: dict, trained: dict, history: dict, step: int, total_steps: int, grad_norm: float, lr: float, say) -> None:
+    """Account the steps since the last report (`window`) into `trained` and the history, and print one line."""
+    for key in trained:
+        trained[key] += window[key]
+    tps = window["tokens"] / window["time"]
+    loss_value = window["loss"] / max(1, window["labels"])
+    history["train"].append(dict(step=step, loss=loss_value, grad_norm=grad_norm, lr=lr, tokens_per_s=tps))
+    eta = (total_steps - step) * trained["time"] / trained["steps"]
+    say(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | {tps:.0f} tok/s | eta {_duration(eta)}")
+
+
 def finetune(
     *,
     train_data: Path,
@@ -345,7 +421,6 @@ def finetune(
     Under torchrun or accelerate launch, each process trains on its share of every batch and
     only the first one prints and writes files.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
     from transformers import get_linear_schedule_with_warmup
     from transformers.utils import logging
 
@@ -366,49 +441,20 @@ def finetune(
             _check_writable(Path(output_path))
         examples = load_examples(train_data)  # fail fast on bad data, before loading any model
         tokenizer = load_tokenizer(base_weights)
-        encoded, truncated = [], 0
-        for example in examples:
-            item, was_truncated = tokenize(example, tokenizer, prompt_template, cutoff_len, train_on_inputs)
-            if any(label != IGNORE_INDEX for label in item["labels"][1:]):  # an example cut before its answer teaches nothing
-                encoded.append(item | {"example": example})  # the text too, for eval_at_end
-            truncated += was_truncated
-        say(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}")
-
-        random.Random(seed).shuffle(encoded)
-        if val_set_size >= len(encoded) // 2 and val_set_size:
-            val_set_size = len(encoded) // 10
-            say(f"val_set_size lowered to {val_set_size} (a tenth of the {len(encoded)} examples)")
-        val, train = encoded[:val_set_size], encoded[val_set_size:]
+        train, val, truncated = _encode_and_split(examples, tokenizer, prompt_template, cutoff_len, train_on_inputs, val_set_size, seed, say)
         if not train:
             raise ValueError(f"train_data: {train_data} has no usable examples")
 
         torch.manual_seed(seed)
         random.seed(seed)
         shard = fsdp and procs.count > 1
-        # FSDP shards from host memory, so no GPU ever holds the whole model.
-        model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=default_dtype(procs.device),
-                           quantization=quantization, training=True)  # fmt: skip
-        if quantization != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM")  # fmt: skip
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise ValueError(f"lora_target_modules: {e}") from None
         lora_fingerprint = dict(r=lora_r, alpha=lora_alpha, targets=sorted(targets), base=str(base_weights))
-        if procs.main:
-            model.print_trainable_parameters()
+        lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+        model = _lora_model(base_weights, procs, shard, quantization, lora, say)
         checkpoint = None
         if resume_from is not None:  # a checkpoint folder, or an earlier training output (its adapter, a fresh optimizer)
-            if Path(resume_from).is_dir():
-                checkpoint = _read_checkpoint(Path(resume_from), lora_fingerprint)
-                adapter = checkpoint["adapter"]
-            else:
-                adapter = load_file(adapter_dir(str(resume_from)) / "adapter_model.safetensors")
-                say(f"initialised the adapter from {resume_from}")
-            set_peft_model_state_dict(model, adapter)  # before sharding: whole tensors into whole parameters
+            checkpoint = _load_adapter_to_resume(model, Path(resume_from), lora_fingerprint, say)
         loss_module = wrap(CausalLMLoss(model), procs, shard)
 
         accumulation = batch_size // micro_batch_size
@@ -441,17 +487,7 @@ def finetune(
                     step_start = time.monotonic()
                     micro = [batches[step * accumulation + k] for k in range(accumulation)]
                     labels = sum(label_count(b) for b in micro)
-                    mine = micro[procs.rank :: procs.count]  # this process's share of the step
-                    step_loss, tokens = 0.0, 0
-                    for i, b in enumerate(mine):
-                        b = {k: v.to(procs.device) for k, v in b.items()}
-                        with gradient_sync(loss_module, enabled=i == len(mine) - 1):
-                            with autocast:
-                                loss = loss_module(**b)
-                            # DDP and FSDP average gradients over processes; scaled so, the update is one process's on the whole batch.
-                            (loss * (procs.count / max(1, labels))).backward()
-                        step_loss += loss.item()
-                        tokens += b["input_ids"].numel()
+                    step_loss, tokens = _backward(loss_module, micro[procs.rank :: procs.count], labels, procs, autocast)
                     grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
                     optimizer.step()
                     scheduler.step()
@@ -465,15 +501,7 @@ def finetune(
                     window["steps"] += 1
 
                     if step % logging_steps == 0 or step == total_steps:
-                        for key in trained:
-                            trained[key] += window[key]
-                        tps = window["tokens"] / window["time"]
-                        loss_value = window["loss"] / max(1, window["labels"])
-                        history["train"].append(dict(step=step, loss=loss_value, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
-                                                     tokens_per_s=tps))  # fmt: skip
-                        eta = (total_steps - step) * trained["time"] / trained["steps"]
-                        say(f"step {step}/{total_steps} [{_bar(step, total_steps)}] loss {loss_value:.4f} | "
-                            f"{tps:.0f} tok/s | eta {_duration(eta)}")  # fmt: skip
+                        _log_window(window, trained, history, step, total_steps, grad_norm, scheduler.get_last_lr()[0], say)
                         window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
                     if val_batches and (step % eval_steps == 0 or step == total_steps):
                         val_loss = evaluate(loss_module, val_batches, procs)
