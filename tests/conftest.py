@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ import pytest
 import requests
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# torch.compile's kernel cache in a fresh folder per run: a cache left by a run under another CPU capability
+# (ATEN_CPU_CAPABILITY=avx2 on an AVX512 machine, say) aborted the process here when reused. Servers the tests
+# start inherit it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="alpaca-cog-inductor-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
