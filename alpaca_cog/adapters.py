@@ -106,12 +106,17 @@ class AdapterCache:
 
 
 def _named_input(fn, *args):
-    """fn(*args), its errors as a ValueError naming the request's input (a PEFT RuntimeError included:
-    an adapter trained for another base model does not fit this one)."""
+    """fn(*args), its errors naming the request's input: a missing file stays a FileNotFoundError (serve.py answers
+    404 for it), anything else becomes a ValueError (a PEFT RuntimeError included: an adapter trained for
+    another base model does not fit this one)."""
     try:
         return fn(*args)
     except (ValueError, OSError, RuntimeError) as e:
-        raise ValueError(f"lora_weights: {str(e).removeprefix('weights: ').removeprefix('lora_weights: ')}") from None
+        reason = str(e).removeprefix("weights: ").removeprefix("lora_weights: ")
+        if isinstance(e, RuntimeError):
+            reason = f"cannot load this adapter into this base model ({reason[:300]})"
+        message = f"lora_weights: {reason}"
+        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(message) from None
 
 
 def _ms_since(started: float) -> float:

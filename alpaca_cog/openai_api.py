@@ -125,11 +125,8 @@ class Served:
                 name, template, _ = await asyncio.to_thread(self.adapters.get, model[len(LORA_PREFIX) :])
             except FileNotFoundError as e:
                 raise APIError(404, str(e), "model", "model_not_found") from None
-            except ValueError as e:  # refused by archive.py's checks
+            except ValueError as e:  # refused by archive.py's checks, or by PEFT (an adapter for another base model)
                 raise APIError(400, str(e), "model") from None
-            except Exception as e:  # PEFT's refusal: most often an adapter trained on another base model
-                message = f"model: cannot load this adapter ({type(e).__name__}: {str(e)[:300]})"
-                raise APIError(400, message, "model") from None
             loaded = set(self.adapters.names())  # forget what the cache evicted: clients may name many
             self.per_request = {s: v for s, v in self.per_request.items() if v[0] in loaded} | {model: (name, template)}
             return name, template
