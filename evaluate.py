@@ -12,11 +12,13 @@ import tempfile
 
 from cog import Input, Path
 
+from alpaca_cog.adapters import prompt_template_of
 from alpaca_cog.archive import adapter_dir
 from alpaca_cog.data import load_examples
 from alpaca_cog.env import env_path
 from alpaca_cog.evaluation import answers_table, evaluate_model, summary_table
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
+from alpaca_cog.outputs import atomic_file
 from alpaca_cog.prompts import TEMPLATE_NAMES
 
 BASE_WEIGHTS = env_path("ALPACA_COG_BASE_WEIGHTS", "weights")
@@ -71,7 +73,8 @@ def evaluate(
     if output is not None:
         records = [dict(instruction=e.instruction, input=e.input, reference=e.output,
                         models={name: r["records"][i] for name, r in results.items()}) for i, e in enumerate(examples)]  # fmt: skip
-        Path(output).write_text(json.dumps(report | {"records": records}, indent=2, ensure_ascii=False))
+        with atomic_file(output) as partial:  # never a half-written report
+            partial.write_text(json.dumps(report | {"records": records}, indent=2, ensure_ascii=False))
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
@@ -80,12 +83,11 @@ def _template_of(folder: Path, prompt_template: str) -> tuple[str, str]:
     """(template, why): --prompt_template, else the one the adapter was trained with (train.py writes prompt_template.json)."""
     if prompt_template != "auto":
         return prompt_template, "--prompt_template"
-    saved = folder / "prompt_template.json"
-    if not saved.is_file():
+    name = prompt_template_of(folder)
+    if name is None:
         return "alpaca", "no prompt_template.json with the adapter: alpaca assumed"
-    name = json.loads(saved.read_text()).get("name")
     if name not in TEMPLATE_NAMES:
-        raise ValueError(f"weights: {saved.name} names template {name!r}, not one of {TEMPLATE_NAMES}")
+        raise ValueError(f"weights: prompt_template.json names template {name!r}, not one of {TEMPLATE_NAMES}")
     return name, "its prompt_template.json"
 
 
