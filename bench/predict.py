@@ -2,7 +2,7 @@
 
 Baseline: an unmerged PeftModel and model.generate with generate.py's settings. Ours: the
 Predictor's setup (adapter merged) and its streaming generation, eager and compiled
-(ALPACA_COG_COMPILE=1: static KV cache and torch.compile, the predictor's default on GPUs).
+(ALPACA_COG_COMPILE=1: static KV cache and torch.compile, one request at a time; opt-in).
 Both use the same base model and the same random LoRA adapter (r=8 on q_proj,v_proj). Prints one
 JSON object and keeps it in bench/results/predict-<date>.json.
 
@@ -44,7 +44,7 @@ def make_adapter(model_dir: str, out: Path) -> Path:
     return out
 
 
-def timed(generate_pieces, tokens: int, repeats: int = 3) -> dict:
+def timed(generate_pieces, tokens, repeats: int = 3) -> dict:
     """Time to the first piece, and tokens/s after it (over the whole call when it is one piece: beams);
     the median of a few runs, since this machine's neighbours make single runs noisy."""
     runs = []
@@ -55,7 +55,8 @@ def timed(generate_pieces, tokens: int, repeats: int = 3) -> dict:
             first = first or time.perf_counter()
             pieces += 1
         end = time.perf_counter()
-        runs.append(dict(ttft_s=first - start, tokens_per_s=(tokens - 1) / (end - first) if pieces > 1 else tokens / (end - start)))
+        count = tokens() if callable(tokens) else tokens  # ours: what the engine decoded (it may stop at EOS)
+        runs.append(dict(ttft_s=first - start, tokens_per_s=(count - 1) / (end - first) if pieces > 1 else count / (end - start)))
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
@@ -101,7 +102,8 @@ def run_ours(args, adapter: Path) -> dict:
     os.environ["ALPACA_COG_BASE_WEIGHTS"] = args.model
     import peft  # noqa: F401  (imported before the clock starts, as the baseline's is)
     import predict
-    from alpaca_cog.generate import GenerationParams, stream
+    from alpaca_cog.engine import Request
+    from alpaca_cog.generate import GenerationParams
     from alpaca_cog.prompts import encode_prompt
 
     start = time.perf_counter()
@@ -110,12 +112,13 @@ def run_ours(args, adapter: Path) -> dict:
     setup = time.perf_counter() - start
     ids = encode_prompt(predictor.tokenizer, "alpaca", PROMPT)
     n = args.tokens
-    model = predictor.model
-    model.generation_config.min_new_tokens = n  # the same length as the baseline, EOS or not
+    predictor.engine.model.generation_config.min_new_tokens = n  # beams (generate()) the same length as the baseline
 
-    def run(**settings):
+    def run(**settings):  # through the engine, as run() decodes
         params = GenerationParams(max_tokens=n, seed=0, **settings)
-        return timed(lambda: stream(model, predictor.tokenizer, ids, params), n)
+        handles = []
+        return timed(lambda: handles.append(predictor.engine.submit(Request(ids, params))) or handles[-1],
+                     lambda: handles[-1].result.output_tokens)  # fmt: skip
 
     return dict(setup_s=setup, greedy=run(temperature=0), sampled=run(temperature=0.1), beams4=run(temperature=0, beams=4),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
@@ -134,7 +137,7 @@ def main() -> None:
         return
     adapter = make_adapter(args.model, Path(tempfile.mkdtemp()) / "adapter")
     sides = {}
-    # ours as the predictor runs by default here, and with compiled decoding (the default on GPUs; its setup compiles)
+    # ours as the predictor runs by default here, and with compiled decoding (opt-in; its setup compiles)
     for name, side, compile_ in [("baseline", "baseline", "0"), ("ours", "ours", "0"), ("ours_compiled", "ours", "1")]:
         out = subprocess.run([sys.executable, __file__, "--side", side, "--model", args.model, "--tokens", str(args.tokens),
                               "--adapter", str(adapter)], capture_output=True, text=True, check=True, cwd=ROOT,

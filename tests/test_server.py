@@ -173,7 +173,7 @@ def test_stop_sequences_end_the_answer_and_are_never_returned(server):
 
 
 def test_compiled_decoding_served_by_cog_answers_as_eager_decoding(tiny_model_dir, tmp_path):
-    """The GPU default, here forced on the CPU: setup() compiles, and Cog's worker streams the eager text."""
+    """Compiled decoding (opt-in, ALPACA_COG_COMPILE=1) through Cog: setup() compiles, and the worker streams the eager text."""
     from alpaca_cog.generate import GenerationParams, complete
     from alpaca_cog.model import load_model, load_tokenizer
     from alpaca_cog.prompts import encode_prompt
