@@ -103,11 +103,19 @@ def response_pairs(tokenizer, examples: list[Example], template: str, context_le
     return pairs
 
 
-def response_perplexity(model, tokenizer, examples: list[Example], template: str, batch_size: int = 8) -> float:
-    """exp(mean negative log-likelihood per response token), the tokens summed over all examples first."""
+def response_logprobs(model, tokenizer, examples: list[Example], template: str, batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """(log P(response + EOS | prompt), the response's tokens) per example."""
     pairs = response_pairs(tokenizer, examples, template, model.config.max_position_embeddings)
-    logprobs = continuation_logprobs(model, pairs, batch_size)
-    return math.exp(-sum(logprobs) / max(1, sum(len(response) for _, response in pairs)))
+    return continuation_logprobs(model, pairs, batch_size), [len(response) for _, response in pairs]
+
+
+def perplexity(logprobs: list[float], tokens: list[int]) -> float:
+    """exp(mean negative log-likelihood per token), the tokens summed over all examples first."""
+    return math.exp(-sum(logprobs) / max(1, sum(tokens)))
+
+
+def response_perplexity(model, tokenizer, examples: list[Example], template: str, batch_size: int = 8) -> float:
+    return perplexity(*response_logprobs(model, tokenizer, examples, template, batch_size))
 
 
 def greedy_answers(model, tokenizer, prompts_ids: list[list[int]], max_tokens: int, stop: list[str], batch_size: int = 8) -> list[str]:
@@ -131,22 +139,20 @@ def evaluate_model(model, tokenizer, examples: list[Example], template: str, max
     number when reference_last_number. The model's answer falls back to its last number always.
     """
     started = time.monotonic()
-    pairs = response_pairs(tokenizer, examples, template, model.config.max_position_embeddings)
-    logprobs = continuation_logprobs(model, pairs, batch_size)
+    logprobs, response_tokens = response_logprobs(model, tokenizer, examples, template, batch_size)
     prompts = [encode_prompt(tokenizer, template, e.instruction, e.input) for e in examples]
     answers = greedy_answers(model, tokenizer, prompts, max_tokens, STOP_STRINGS[template], batch_size)
     records = []
-    for example, (_, response), logprob, answer in zip(examples, pairs, logprobs, answers, strict=True):
+    for example, tokens, logprob, answer in zip(examples, response_tokens, logprobs, answers, strict=True):
         expected, _ = final_answer(example.output, last_number=reference_last_number)
         predicted, source = final_answer(answer)
         records.append(dict(answer=answer, rouge_l=rouge_l(answer, example.output), response_logprob=logprob,
-                            response_tokens=len(response), reference_answer=expected, predicted_answer=predicted,
+                            response_tokens=tokens, reference_answer=expected, predicted_answer=predicted,
                             answer_source=source, exact_match=None if expected is None else predicted == expected))  # fmt: skip
-    tokens = sum(r["response_tokens"] for r in records)
     matched = [r["exact_match"] for r in records if r["exact_match"] is not None]
     return dict(
         examples=len(records), template=template, max_tokens=max_tokens,
-        perplexity=math.exp(-sum(logprobs) / max(1, tokens)), response_tokens=tokens,
+        perplexity=perplexity(logprobs, response_tokens), response_tokens=sum(response_tokens),
         rouge_l=sum(r["rouge_l"] for r in records) / max(1, len(records)),
         exact_match=sum(matched) / len(matched) if matched else None, exact_match_examples=len(matched),
         time_s=time.monotonic() - started, records=records,
