@@ -10,9 +10,9 @@ from cog import BaseRunner, ConcatenateIterator, Input, streaming
 
 from alpaca_cog import archive
 from alpaca_cog.adapters import AdapterCache, prompt_template_of
-from alpaca_cog.engine import Engine, Request
+from alpaca_cog.engine import Request, serving_engine
 from alpaca_cog.env import env_flag, env_int, env_path
-from alpaca_cog.generate import GenerationParams, use_compiled_decoding
+from alpaca_cog.generate import GenerationParams
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import STOP_STRINGS, TEMPLATE_NAMES, encode_prompt
 
@@ -33,14 +33,10 @@ class Predictor(BaseRunner):
             model = apply_adapter(model, folder, merge=merge)
             self.default_template = prompt_template_of(folder)
             print(f"adapter from {weights} applied ({'merged' if merge else 'unmerged'})")
-        # Compiled decoding (static KV cache + torch.compile) decodes one request at a time: opt-in, since
-        # batching serves concurrent requests better (docs/performance.md).
-        compiled = env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, self.tokenizer)
-        batch = env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY)
-        self.engine = Engine(model, self.tokenizer, max_batch=batch)  # an unmerged adapter is every request's default
+        # An unmerged adapter is every request's default.
+        self.engine = serving_engine(model, self.tokenizer, env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY))
         self.adapters = AdapterCache(self.engine, env_int("ALPACA_COG_ADAPTER_CACHE", 10))
-        mode = "compiled decoding, one request at a time" if compiled else f"batched decoding, up to {batch} requests"
-        print(f"model on {model.device}, {model.dtype}, {mode}")
+        print(self.engine)
 
     @cog.concurrent(max=8)
     @streaming

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from alpaca_cog import archive
 from alpaca_cog.adapters import AdapterCache, prompt_template_of
-from alpaca_cog.engine import Engine
-from alpaca_cog.env import env_flag, env_int, env_path
-from alpaca_cog.generate import use_compiled_decoding
+from alpaca_cog.engine import serving_engine
+from alpaca_cog.env import env_int, env_path
 from alpaca_cog.model import load_model, load_tokenizer
 from alpaca_cog.openai_api import LORA_PREFIX, Served, create_app
 
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = named_weights(args.weights)  # a bad name fails before the model loads
     tokenizer = load_tokenizer(args.base_weights)
     model = load_model(args.base_weights)
-    compiled = env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, tokenizer)  # as predict.py
-    engine = Engine(model, tokenizer, max_batch=args.max_batch)
+    engine = serving_engine(model, tokenizer, args.max_batch)  # as predict.py's
     named = {}
     for name, location in weights.items():
         with tempfile.TemporaryDirectory(prefix="alpaca-cog-weights-") as work_dir:  # PEFT copies the weights in
@@ -63,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             named[name] = (location, prompt_template_of(folder))
     served = Served(engine, tokenizer, AdapterCache(engine, args.adapter_cache), named,
                     base_root=str(args.base_weights), api_key=args.api_key)  # fmt: skip
-    mode = "compiled decoding, one request at a time" if compiled else f"batched decoding, up to {args.max_batch} requests"
-    print(f"model on {model.device}, {model.dtype}, {mode}; serving {', '.join(m.id for m in served.models())} "
+    print(f"{engine}; serving {', '.join(m.id for m in served.models())} "
           f"at http://{args.host}:{args.port}{' (API key required)' if args.api_key else ''}", flush=True)  # fmt: skip
     try:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")

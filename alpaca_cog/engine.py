@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .generate import MIN_SAMPLING_TEMPERATURE, GenerationParams, stream
+from .env import env_flag
+from .generate import MIN_SAMPLING_TEMPERATURE, GenerationParams, stream, use_compiled_decoding
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
@@ -217,7 +218,7 @@ class Engine:
         if prompt_len + request.params.max_tokens > context:  # documented: the answer is cut at the end of the context
             request.params = GenerationParams(**{**request.params.__dict__, "max_tokens": context - prompt_len})
         handle = Handle(request, loop)
-        if request.params.beams > 1 or self.model.generation_config.cache_implementation == "static":
+        if request.params.beams > 1 or self.one_at_a_time:
             threading.Thread(target=self._generate_alone, args=(handle,), daemon=True).start()
         else:
             self._waiting.put(handle)
@@ -235,6 +236,15 @@ class Engine:
             for _ in handle:
                 pass
         return [h.result for h in handles]
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Compiled decoding (generate.use_compiled_decoding's static KV cache) takes requests one by one."""
+        return self.model.generation_config.cache_implementation == "static"
+
+    def __str__(self) -> str:  # what setup logs
+        mode = "compiled decoding, one request at a time" if self.one_at_a_time else f"batched decoding, up to {self.max_batch} requests"
+        return f"model on {self.model.device}, {self.model.dtype}, {mode}"
 
     def close(self) -> None:
         """Cancel what is decoding or waiting and stop the step loop (the engine cannot be used afterwards)."""
@@ -391,6 +401,14 @@ class Engine:
                 handle._finish("stop" if stopped or handle.result.output_tokens < request.params.max_tokens else "length")
         except Exception as e:
             handle._finish("error", e)
+
+
+def serving_engine(model, tokenizer, max_batch: int) -> Engine:
+    """The engine as the servers (predict.py, serve.py) start it: decoding compiled, one request at a time, when
+    ALPACA_COG_COMPILE asks for it (opt-in: batching serves concurrent requests better) and compiling works."""
+    if env_flag("ALPACA_COG_COMPILE", False):
+        use_compiled_decoding(model, tokenizer)
+    return Engine(model, tokenizer, max_batch=max_batch)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
