@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from alpaca_cog import archive
-from alpaca_cog.adapters import AdapterCache, prompt_template_of
+from alpaca_cog.adapters import AdapterCache, check_vocabulary, prompt_template_of
 from alpaca_cog.engine import serving_engine
 from alpaca_cog.env import env_int, env_path
 from alpaca_cog.model import load_model, load_tokenizer
@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     weights = named_weights(args.weights)  # a bad name fails before the model loads
     tokenizer = load_tokenizer(args.base_weights)
     model = load_model(args.base_weights)
-    engine = serving_engine(model, tokenizer, args.max_batch)  # as predict.py's
+    engine = serving_engine(model, tokenizer, args.max_batch, args.base_weights)  # as predict.py's
     named = {}
     for name, location in weights.items():
         with tempfile.TemporaryDirectory(prefix="alpaca-cog-weights-") as work_dir:  # PEFT copies the weights in
             folder = archive.adapter_dir(location, work_dir)
+            check_vocabulary(folder, engine.model, location)
             engine.load_adapter(name, folder)
             named[name] = (location, prompt_template_of(folder))
     served = Served(engine, tokenizer, AdapterCache(engine, args.adapter_cache), named,

@@ -7,6 +7,8 @@ and LoRA adapter (PEFT's mixed-adapter batches). The running batch shares one KV
 its longest sequence, with an attention mask and per-sequence positions, so each sequence is decoded as
 if it were alone (up to floating-point rounding). Beam search, and compiled decoding when it is on
 (generate.use_compiled_decoding), run through transformers' generate(), one request at a time, between steps.
+On a CPU, a request that finds the engine idle is decoded by llama.cpp instead (alpaca_cog.llamacpp), several
+times faster for one sequence; serving_engine says which backend serves what.
 """
 
 import asyncio
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .env import env_flag
+from . import llamacpp
+from .env import env_choice, env_flag, env_path
 from .generate import MIN_SAMPLING_TEMPERATURE, GenerationParams, stream, use_compiled_decoding
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -44,6 +47,7 @@ class Result:
     output_tokens: int = 0
     tokens: list[dict] = field(default_factory=list)  # with Request.logprobs: {"token", "logprob", "top"} each
     time_to_first_token: float | None = None
+    backend: str = "transformers"  # or "llama.cpp"
 
 
 _DONE = object()
@@ -189,8 +193,15 @@ class _Sequence:
 class Engine:
     """Continuous batching over one model. Thread-safe: submit from any thread or event loop."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, default_adapter: str | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 8, default_adapter: str | None = None,
+                 single=None, single_when: str = "idle"):  # fmt: skip
+        """single: a llamacpp.LlamaCppDecoder of the default model; it takes the requests it can serve exactly
+        (the default adapter, no beams, no logprobs) when the engine is idle (single_when="idle"), or all of
+        them, one after another (single_when="always")."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.single, self.single_when = single, single_when
+        self._single_handles: set[Handle] = set()
+        self._route_lock = threading.Lock()
         # The adapter a request without one gets: a PeftModel's active one (setup(weights) unmerged, a model in training).
         self.default_adapter = model.active_adapter if default_adapter is None and hasattr(model, "peft_config") else default_adapter
         eos = model.generation_config.eos_token_id
@@ -220,6 +231,8 @@ class Engine:
         handle = Handle(request, loop)
         if request.params.beams > 1 or self.one_at_a_time:
             threading.Thread(target=self._generate_alone, args=(handle,), daemon=True).start()
+        elif self._route_to_single(handle):
+            threading.Thread(target=self._decode_single, args=(handle,), daemon=True).start()
         else:
             self._waiting.put(handle)
             self._wake.set()
@@ -244,13 +257,17 @@ class Engine:
 
     def __str__(self) -> str:  # what setup logs
         mode = "compiled decoding, one request at a time" if self.one_at_a_time else f"batched decoding, up to {self.max_batch} requests"
-        return f"model on {self.model.device}, {self.model.dtype}, {mode}"
+        text = f"model on {self.model.device}, {self.model.dtype}, {mode}"
+        if self.single is not None:
+            takes = "a request that finds the engine idle" if self.single_when == "idle" else "every request it can serve"
+            text += f"; {self.single} takes {takes}"
+        return text
 
     def close(self) -> None:
         """Cancel what is decoding or waiting and stop the step loop (the engine cannot be used afterwards)."""
         self._closed = True
-        for seq in list(self._running):
-            seq.handle.cancel()
+        for handle in [s.handle for s in self._running] + list(self._single_handles):
+            handle.cancel()
         while True:
             try:
                 self._waiting.get_nowait()._finish("cancelled")
@@ -372,6 +389,27 @@ class Engine:
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
 
+    def _route_to_single(self, handle: Handle) -> bool:
+        request = handle.request
+        if self.single is None or request.logprobs is not None or request.adapter not in (None, self.default_adapter):
+            return False
+        with self._route_lock:
+            idle = not self._single_handles and not self._running and self._waiting.empty()
+            if self.single_when == "always" or idle:
+                self._single_handles.add(handle)
+                return True
+        return False
+
+    def _decode_single(self, handle: Handle) -> None:
+        handle.result.backend = "llama.cpp"
+        try:
+            self.single.decode(_Sequence(handle, self.tokenizer, self.eos_ids))
+        except Exception as e:
+            handle._finish("error", e)
+        finally:
+            with self._route_lock:
+                self._single_handles.discard(handle)
+
     def _generate_alone(self, handle: Handle) -> None:
         """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""
         request = handle.request
@@ -403,12 +441,29 @@ class Engine:
             handle._finish("error", e)
 
 
-def serving_engine(model, tokenizer, max_batch: int) -> Engine:
-    """The engine as the servers (predict.py, serve.py) start it: decoding compiled, one request at a time, when
-    ALPACA_COG_COMPILE asks for it (opt-in: batching serves concurrent requests better) and compiling works."""
-    if env_flag("ALPACA_COG_COMPILE", False):
-        use_compiled_decoding(model, tokenizer)
-    return Engine(model, tokenizer, max_batch=max_batch)
+def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None, adapter_dirs: Sequence = ()) -> Engine:
+    """The engine as the servers (predict.py, serve.py) start it.
+
+    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds llama.cpp for requests that find the engine idle
+    when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir plus adapter_dirs, merged:
+    the same model as `model`); llama.cpp sends it every request it can serve, one after another; transformers
+    never uses it. ALPACA_COG_COMPILE (opt-in) decodes compiled, one request at a time, with transformers.
+    """
+    backend = env_choice("ALPACA_COG_BACKEND", "auto", ["auto", "transformers", "llama.cpp"])
+    if env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, tokenizer):
+        backend = "transformers"
+    if backend == "llama.cpp" and not llamacpp.available():
+        raise ValueError("ALPACA_COG_BACKEND=llama.cpp: llama-cpp-python is not installed")
+    single = None
+    if base_dir is not None and (backend == "llama.cpp" or (backend == "auto" and model.device.type == "cpu" and llamacpp.available())):
+        try:
+            gguf = llamacpp.cached_gguf(base_dir, list(adapter_dirs), env_path("ALPACA_COG_GGUF_CACHE", llamacpp.DEFAULT_CACHE))
+            single = llamacpp.LlamaCppDecoder(gguf, context=model.config.max_position_embeddings)
+        except Exception as e:  # auto falls back to transformers and says why; asked for explicitly, it fails
+            if backend == "llama.cpp":
+                raise ValueError(f"ALPACA_COG_BACKEND=llama.cpp: {type(e).__name__}: {e}") from None
+            print(f"llama.cpp not used ({type(e).__name__}: {e}); decoding with transformers", flush=True)
+    return Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -6,6 +6,8 @@
 | ALPACA_COG_CHECKPOINTS | train.py | a folder | checkpoints |
 | ALPACA_COG_MERGE | predict.py | yes/no: merge setup(weights)'s adapter into the base | yes |
 | ALPACA_COG_COMPILE | predict.py, serve.py | yes/no: compiled one-at-a-time decoding instead of batching | no |
+| ALPACA_COG_BACKEND | predict.py, serve.py | auto, transformers, llama.cpp (engine.serving_engine) | auto |
+| ALPACA_COG_GGUF_CACHE | predict.py, serve.py | where llama.cpp's GGUF exports are kept | ~/.cache/alpaca-cog/gguf |
 | ALPACA_COG_ADAPTER_CACHE | predict.py, serve.py | per-request adapters kept loaded | 10 |
 | ALPACA_COG_PROCESSES | train.py (Cog training) | training processes on this machine | one per GPU |
 | ALPACA_COG_API_KEY | serve.py | the key clients must send (`Authorization: Bearer KEY`) | none: open |
@@ -37,6 +39,13 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     if number < minimum:
         raise ValueError(f"{name}={value!r}: expected a whole number of at least {minimum}")
     return number
+
+
+def env_choice(name: str, default: str, choices: list[str]) -> str:
+    value = os.environ.get(name, "").strip() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def env_path(name: str, default: str) -> str:
