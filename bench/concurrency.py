@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,14 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import cog_server  # noqa: E402
+from machine import machine  # noqa: E402
 
 PROMPTS = ["Tell me about alpacas.", "Name three primary colors.", "Explain photosynthesis briefly.", "Write a haiku about rain.",
            "What is the capital of France?", "Give two tips for sleeping well.", "Why is the sky blue?", "Describe a cat."]  # fmt: skip
-
-
-def cpu_flags() -> dict:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    return dict(model=platform.processor() or "x86_64", cores=os.cpu_count(), **{f: f in flags for f in ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]})
 
 
 def stream_one(url: str, inputs: dict) -> dict:
@@ -116,7 +111,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args()
-    report: dict = dict(date=str(datetime.date.today()), machine=cpu_flags(), model="weights/ (SmolLM2-135M-Instruct, fp32)", tokens=args.tokens)
+    report: dict = dict(date=str(datetime.date.today()), machine=machine(), model="weights/ (SmolLM2-135M-Instruct, fp32)", tokens=args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = sequential_project(tmp)
@@ -124,10 +119,16 @@ def main() -> None:
             report["baseline"] = [load(url, n, args.tokens) for n in args.clients]
             print(json.dumps({"baseline": report["baseline"]}), flush=True)
         archive = random_adapter(tmp)
-        with cog_server(tmp) as url:
-            report["ours"] = [load(url, n, args.tokens) for n in args.clients]
-            report["adapter"] = adapter_costs(url, archive)
-    report["speedup"] = {str(b["clients"]): round(o["tokens_per_s"] / b["tokens_per_s"], 2) for b, o in zip(report["baseline"], report["ours"])}
+        # ours as predict.py runs by default here (ALPACA_COG_BACKEND=auto: on a CPU llama.cpp takes a request that
+        # finds the engine idle), and each backend alone: transformers' batching, llama.cpp one request after another
+        for side, backend in [("ours", "auto"), ("ours_transformers", "transformers"), ("ours_llama_cpp", "llama.cpp")]:
+            with cog_server(tmp, env={"ALPACA_COG_BACKEND": backend}) as url:
+                report[side] = [load(url, n, args.tokens) for n in args.clients]
+                print(json.dumps({side: report[side]}), flush=True)
+                if side == "ours":
+                    report["adapter"] = adapter_costs(url, archive)
+    report["speedup"] = {side: {str(b["clients"]): round(o["tokens_per_s"] / b["tokens_per_s"], 2) for b, o in zip(report["baseline"], report[side])}
+                         for side in ["ours", "ours_transformers", "ours_llama_cpp"]}  # fmt: skip
     out = ROOT / "bench" / "results" / f"concurrency-{report['date']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

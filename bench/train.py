@@ -1,15 +1,15 @@
 """Training throughput: Alpaca-LoRA's finetune.py recipe (baseline) against train.py (ours).
 
 Same model, data, LoRA settings, examples and schedule; each side runs in its own process so
-peak RSS is its own. Prints one JSON object and keeps it in bench/results/train-<date>.json.
+peak RSS is its own. ours is train.py's default configuration on this machine (precision auto: a bf16 base
+where the CPU multiplies bf16 natively, else fp32); ours_fp32 forces fp32. Prints one JSON object and keeps it
+in bench/results/train-<date>.json.
 
-    python bench/train.py [--examples 128] [--batch_size 16] [--model weights]
+    python bench/train.py [--examples 400] [--batch_size 8] [--model weights]   # ~20 min on 2 CPU cores
 """
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -18,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from machine import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -112,8 +113,8 @@ def run_ours(args) -> dict:
     train, held_out = split(args.examples)
     tmp = Path(tempfile.mkdtemp())
     (tmp / "train.json").write_text(json.dumps(train))
-    settings = dict(train_data=tmp / "train.json", num_train_epochs=1, learning_rate=LR, batch_size=args.batch_size,
-                    micro_batch_size=args.micro_batch_size, cutoff_len=CUTOFF, val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+    settings = dict(train_data=tmp / "train.json", num_train_epochs=1, learning_rate=LR, batch_size=args.batch_size, precision=args.precision,
+                    micro_batch_size=MICRO, cutoff_len=CUTOFF, val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=LORA["targets"], checkpoint_steps=0, logging_steps=1)  # fmt: skip
     start = time.monotonic()
     archive = finetune(**defaults(train_fn) | settings, base_weights=args.model, output_path=tmp / "out.tar", checkpoint_dir=tmp / "ckpt")
@@ -123,40 +124,39 @@ def run_ours(args) -> dict:
     from alpaca_cog.model import apply_adapter
 
     model = apply_adapter(load_model(args.model), adapter_dir(str(archive), tmp / "x"), merge=False)
-    return dict(tokens_per_s=metrics["tokens_per_s"], train_seconds=wall, steps=metrics["steps"], micro_batch_size=args.micro_batch_size,
+    return dict(tokens_per_s=metrics["tokens_per_s"], train_seconds=wall, steps=metrics["steps"], precision=metrics["precision"],
                 peak_rss_mb=peak, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                 final_loss=held_out_loss(model, load_tokenizer(args.model), held_out))  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--model", default=str(ROOT / "weights"))
     parser.add_argument("--side", choices=["baseline", "ours"], help=argparse.SUPPRESS)
-    parser.add_argument("--micro_batch_size", type=int, default=MICRO, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         result = (run_baseline if args.side == "baseline" else run_ours)(args)
         print("RESULT " + json.dumps(result))
         return
     sides = {}
-    # Ours also with micro-batches of one example: the same updates (gradients are summed over a batch either way)
-    # in less memory, since activations grow with the tokens of a micro-batch.
-    for name, side, micro in [("baseline", "baseline", MICRO), ("ours", "ours", MICRO), ("ours_micro_batch_1", "ours", 1)]:
+    for name, side, precision in [("baseline", "baseline", "fp32"), ("ours", "ours", "auto"), ("ours_fp32", "ours", "fp32")]:
         out = subprocess.run([sys.executable, __file__, "--side", side, "--examples", str(args.examples), "--batch_size",
-                              str(args.batch_size), "--model", args.model, "--micro_batch_size", str(micro)],
+                              str(args.batch_size), "--model", args.model, "--precision", precision],
                              capture_output=True, text=True, check=True)  # fmt: skip
         sides[name] = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
     report = {
         "bench": "train",
         "date": date.today().isoformat(),
-        "machine": dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                        torch=torch.__version__, cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
+        "machine": machine(),
         "settings": dict(model=Path(args.model).name, examples=args.examples, batch_size=args.batch_size, micro_batch_size=MICRO,
                          cutoff_len=CUTOFF, lora=LORA, learning_rate=LR, data=DATA.name),
         **sides,
         "speedup": sides["ours"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"],
+        "speedup_fp32": sides["ours_fp32"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"],
+        "held_out_loss_ratio": sides["ours"]["final_loss"] / sides["baseline"]["final_loss"],
         "memory_ratio": {name: side["peak_rss_mb"] / sides["baseline"]["peak_rss_mb"] for name, side in sides.items() if name != "baseline"},
     }  # fmt: skip
     out = ROOT / "bench" / "results" / f"train-{report['date']}.json"
