@@ -401,7 +401,7 @@ class Engine:
         return False
 
     def _decode_single(self, handle: Handle) -> None:
-        handle.result.backend = "llama.cpp"
+        handle.result.backend = self.single.name
         try:
             self.single.decode(_Sequence(handle, self.tokenizer, self.eos_ids))
         except Exception as e:
@@ -410,13 +410,14 @@ class Engine:
             with self._route_lock:
                 self._single_handles.discard(handle)
 
-    def _generate_alone(self, handle: Handle) -> None:
-        """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""
+    def _generate_alone(self, handle: Handle, lock=None) -> None:
+        """Beam search (and compiled decoding) through transformers' generate(), holding the model (`lock`: the
+        engine's) meanwhile."""
         request = handle.request
         adapter = request.adapter or self.default_adapter or BASE
         peft = hasattr(self.model, "peft_config")
         try:
-            with self.lock:
+            with lock or self.lock:
                 if peft and adapter != BASE:
                     self.model.set_adapter(adapter)
                 stats, text, sent, stopped = {}, "", 0, False
@@ -441,13 +442,32 @@ class Engine:
             handle._finish("error", e)
 
 
+class GenerateDecoder:
+    """transformers' generate() as the single-stream decoder on a GPU, beside the running batch (not holding the
+    engine's lock): one sequence's decoding step is host-bound there, and generate()'s ran 2.9x the engine's rate
+    on an H200 (docs/performance.md, GPU checks). For a model without PEFT adapters, whose active adapter a
+    beam search for another one could switch meanwhile."""
+
+    name = "generate"
+
+    def __init__(self, engine: Engine):
+        self.engine, self.lock = engine, threading.Lock()
+
+    def decode(self, sequence: _Sequence) -> None:
+        self.engine._generate_alone(sequence.handle, lock=self.lock)
+
+    def __str__(self) -> str:
+        return "transformers' generate()"
+
+
 def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None, adapter_dirs: Sequence = ()) -> Engine:
     """The engine as the servers (predict.py, serve.py) start it.
 
-    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds llama.cpp for requests that find the engine idle
-    when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir plus adapter_dirs, merged:
-    the same model as `model`); llama.cpp sends it every request it can serve, one after another; transformers
-    never uses it. ALPACA_COG_COMPILE (opt-in) decodes compiled, one request at a time, with transformers.
+    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds a single-stream decoder for requests that find
+    the engine idle: llama.cpp when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir
+    plus adapter_dirs, merged: the same model as `model`), generate() on a GPU for a model without PEFT adapters;
+    llama.cpp sends every request llama.cpp can serve to it, one after another; transformers batches everything.
+    ALPACA_COG_COMPILE (opt-in) decodes compiled, one request at a time, with transformers.
     """
     backend = env_choice("ALPACA_COG_BACKEND", "auto", ["auto", "transformers", "llama.cpp"])
     if env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, tokenizer):
@@ -463,7 +483,10 @@ def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None
             if backend == "llama.cpp":
                 raise ValueError(f"ALPACA_COG_BACKEND=llama.cpp: {type(e).__name__}: {e}") from None
             print(f"llama.cpp not used ({type(e).__name__}: {e}); decoding with transformers", flush=True)
-    return Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
+    engine = Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
+    if backend == "auto" and model.device.type == "cuda" and not hasattr(model, "peft_config") and not engine.one_at_a_time:
+        engine.single = GenerateDecoder(engine)
+    return engine
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -82,12 +82,13 @@ _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a seed
 class LlamaCppDecoder:
     """One sequence at a time through llama-cpp-python; `decode` runs in the caller's thread."""
 
+    name = "llama.cpp"
+
     def __init__(self, gguf_path: Path, context: int, threads: int | None = None):
         threads = threads or len(os.sched_getaffinity(0))
         self.path = Path(gguf_path)
         self.llm = _llama_class()(model_path=str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.lock = threading.Lock()  # one sequence at a time; held for the whole answer
-        self.reserved = False  # set (under the engine's routing lock) when a request is routed here
 
     def decode(self, sequence) -> None:
         """Feed llama.cpp's tokens to `sequence` (an engine._Sequence: it emits text and ends the answer) until
