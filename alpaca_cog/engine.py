@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -200,7 +201,8 @@ class Engine:
         them, one after another (single_when="always")."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.single, self.single_when = single, single_when
-        self._single_handles: set[Handle] = set()
+        self._single_handles: set[Handle] = set()  # routed to `single`, not yet finished
+        self._alone_handles: set[Handle] = set()  # waiting for, or in, _generate_alone
         self._route_lock = threading.Lock()
         # The adapter a request without one gets: a PeftModel's active one (setup(weights) unmerged, a model in training).
         self.default_adapter = model.active_adapter if default_adapter is None and hasattr(model, "peft_config") else default_adapter
@@ -214,6 +216,10 @@ class Engine:
         self._padded = False  # whether the mask has a 0 anywhere
         self._wake = threading.Event()
         self._closed = False
+        # Long-lived threads for what decodes outside the batch (one at a time, as their locks allow anyway): on an
+        # H200, generate() in a fresh thread per request decoded at a third of its speed in a warm one.
+        self._alone_worker = ThreadPoolExecutor(1, thread_name_prefix="alpaca-cog-generate")
+        self._single_worker = ThreadPoolExecutor(1, thread_name_prefix="alpaca-cog-single")
         self._thread = threading.Thread(target=self._loop, name="alpaca-cog-engine", daemon=True)
         self._thread.start()
 
@@ -230,9 +236,10 @@ class Engine:
             request.params = GenerationParams(**{**request.params.__dict__, "max_tokens": context - prompt_len})
         handle = Handle(request, loop)
         if request.params.beams > 1 or self.one_at_a_time:
-            threading.Thread(target=self._generate_alone, args=(handle,), daemon=True).start()
+            self._alone_handles.add(handle)
+            self._alone_worker.submit(self._generate_alone, handle)
         elif self._route_to_single(handle):
-            threading.Thread(target=self._decode_single, args=(handle,), daemon=True).start()
+            self._single_worker.submit(self._decode_single, handle)
         else:
             self._waiting.put(handle)
             self._wake.set()
@@ -266,7 +273,7 @@ class Engine:
     def close(self) -> None:
         """Cancel what is decoding or waiting and stop the step loop (the engine cannot be used afterwards)."""
         self._closed = True
-        for handle in [s.handle for s in self._running] + list(self._single_handles):
+        for handle in [s.handle for s in self._running] + list(self._single_handles) + list(self._alone_handles):
             handle.cancel()
         while True:
             try:
@@ -275,6 +282,8 @@ class Engine:
                 break
         self._wake.set()
         self._thread.join()
+        self._single_worker.shutdown()  # the queued ones end at once: they are cancelled
+        self._alone_worker.shutdown()
 
     # ---- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, folder) -> None:
@@ -394,7 +403,8 @@ class Engine:
         if self.single is None or request.logprobs is not None or request.adapter not in (None, self.default_adapter):
             return False
         with self._route_lock:
-            idle = not self._single_handles and not self._running and self._waiting.empty()
+            # A sequence that has just finished may not have left the batch yet: the step loop removes it after.
+            idle = not self._single_handles and self._waiting.empty() and all(s.handle.result.finish_reason for s in self._running)
             if self.single_when == "always" or idle:
                 self._single_handles.add(handle)
                 return True
@@ -403,21 +413,26 @@ class Engine:
     def _decode_single(self, handle: Handle) -> None:
         handle.result.backend = self.single.name
         try:
-            self.single.decode(_Sequence(handle, self.tokenizer, self.eos_ids))
+            if handle.cancelled.is_set():
+                handle._finish("cancelled")
+            else:
+                self.single.decode(_Sequence(handle, self.tokenizer, self.eos_ids))
         except Exception as e:
             handle._finish("error", e)
         finally:
             with self._route_lock:
                 self._single_handles.discard(handle)
 
-    def _generate_alone(self, handle: Handle, lock=None) -> None:
-        """Beam search (and compiled decoding) through transformers' generate(), holding the model (`lock`: the
-        engine's) meanwhile."""
+    def _generate_alone(self, handle: Handle) -> None:
+        """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""
         request = handle.request
         adapter = request.adapter or self.default_adapter or BASE
         peft = hasattr(self.model, "peft_config")
         try:
-            with lock or self.lock:
+            if handle.cancelled.is_set():
+                handle._finish("cancelled")
+                return
+            with self.lock:
                 if peft and adapter != BASE:
                     self.model.set_adapter(adapter)
                 stats, text, sent, stopped = {}, "", 0, False
@@ -440,33 +455,18 @@ class Engine:
                 handle._finish("stop" if stopped or handle.result.output_tokens < request.params.max_tokens else "length")
         except Exception as e:
             handle._finish("error", e)
-
-
-class GenerateDecoder:
-    """transformers' generate() as the single-stream decoder on a GPU, beside the running batch (not holding the
-    engine's lock): one sequence's decoding step is host-bound there, and generate()'s ran 2.9x the engine's rate
-    on an H200 (docs/performance.md, GPU checks). For a model without PEFT adapters, whose active adapter a
-    beam search for another one could switch meanwhile."""
-
-    name = "generate"
-
-    def __init__(self, engine: Engine):
-        self.engine, self.lock = engine, threading.Lock()
-
-    def decode(self, sequence: _Sequence) -> None:
-        self.engine._generate_alone(sequence.handle, lock=self.lock)
-
-    def __str__(self) -> str:
-        return "transformers' generate()"
+        finally:
+            self._alone_handles.discard(handle)
 
 
 def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None, adapter_dirs: Sequence = ()) -> Engine:
     """The engine as the servers (predict.py, serve.py) start it.
 
-    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds a single-stream decoder for requests that find
-    the engine idle: llama.cpp when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir
-    plus adapter_dirs, merged: the same model as `model`), generate() on a GPU for a model without PEFT adapters;
-    llama.cpp sends every request llama.cpp can serve to it, one after another; transformers batches everything.
+    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds llama.cpp for requests that find the engine idle
+    when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir plus adapter_dirs, merged:
+    the same model as `model`); llama.cpp sends it every request it can serve, one after another; transformers
+    never uses it. On a GPU the batch decodes everything (a generate() beside it for lone requests was no faster
+    in a warm thread on an H200, and cost a third of the aggregate at 8 clients: docs/performance.md).
     ALPACA_COG_COMPILE (opt-in) decodes compiled, one request at a time, with transformers.
     """
     backend = env_choice("ALPACA_COG_BACKEND", "auto", ["auto", "transformers", "llama.cpp"])
@@ -483,10 +483,7 @@ def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None
             if backend == "llama.cpp":
                 raise ValueError(f"ALPACA_COG_BACKEND=llama.cpp: {type(e).__name__}: {e}") from None
             print(f"llama.cpp not used ({type(e).__name__}: {e}); decoding with transformers", flush=True)
-    engine = Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
-    if backend == "auto" and model.device.type == "cuda" and not hasattr(model, "peft_config") and not engine.one_at_a_time:
-        engine.single = GenerateDecoder(engine)
-    return engine
+    return Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alpaca_cog.finetune import finetune  # noqa: E402
-from alpaca_cog.engine import Engine, Request  # noqa: E402
+from alpaca_cog.engine import Engine, Request, serving_engine  # noqa: E402
 from alpaca_cog.generate import GenerationParams, complete, use_compiled_decoding  # noqa: E402
 from alpaca_cog.model import load_model, load_tokenizer  # noqa: E402
 from alpaca_cog.prompts import encode_prompt  # noqa: E402
@@ -85,7 +85,7 @@ def engine_throughput(engine, requests: list) -> dict:
     seconds = time.perf_counter() - start
     tokens = sum(r.output_tokens for r in results)
     return dict(clients=len(requests), tokens=tokens, tokens_per_s=round(tokens / seconds, 1),
-                max_ttft_s=round(max(r.time_to_first_token or 0 for r in results), 3))  # fmt: skip
+                max_ttft_s=round(max(r.time_to_first_token or 0 for r in results), 3), backends=sorted({r.backend for r in results}))  # fmt: skip
 
 
 def check_predictor(model_dir: Path, report: dict) -> None:
@@ -159,7 +159,7 @@ def check_training(model_dir: Path, data: Path, tmp: Path, report: dict) -> None
         metrics = json.load(tarfile.open(archive).extractfile("metrics.json"))
         report["training"][quantization] = dict(
             seconds=time.perf_counter() - start, tokens_per_s=metrics["tokens_per_s"], device=metrics["device"],
-            losses=[round(h["loss"], 4) for h in metrics["history"]["train"]], final_val_loss=metrics["final_val_loss"],
+            losses=[round(h["loss"], 4) for h in metrics["history"]["train"]], final_val_loss=metrics["final_val_loss"], precision=metrics["precision"],
             peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         )  # fmt: skip
 
@@ -180,11 +180,12 @@ def check_decoding_7b(tokenizer_dir: Path, report: dict, smoke: bool) -> None:
     enc = tokenizer if tokenizer_vocab_ok else _ModTokenizer(tokenizer, config.vocab_size)
     n = 128 if not smoke else 8
     result["eager_tokens_per_s"] = decode_tokens_per_s(model, enc, n)
-    engine = Engine(model, enc, max_batch=8)
     ids = enc("Tell me about alpacas.")["input_ids"]
-    engine_throughput(engine, [Request(ids, GenerationParams(temperature=0, max_tokens=8))])  # warm-up
-    for clients in [1, 8]:
-        result[f"engine_{clients}"] = engine_throughput(engine, [Request(list(ids), GenerationParams(temperature=0, max_tokens=n)) for _ in range(clients)])
+    for name, engine in [("engine", serving_engine(model, enc, 8))]:  # as the servers start it
+        engine_throughput(engine, [Request(ids, GenerationParams(temperature=0, max_tokens=8))])  # warm-up
+        for clients in [1, 8]:
+            result[f"{name}_{clients}"] = engine_throughput(engine, [Request(list(ids), GenerationParams(temperature=0, max_tokens=n)) for _ in range(clients)])
+        engine.close()
     if device == "cuda":
         try:  # the predictor's compiled decoding: a static KV cache, and generate() compiles the forward (CUDA graphs)
             if not use_compiled_decoding(model, enc):

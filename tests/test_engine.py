@@ -184,22 +184,3 @@ def test_sampling_draws_from_the_distribution_generate_samples_from(top_k, top_p
     assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())  # never outside top-k/top-p
     torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
 
-
-def test_generate_decoder_takes_a_lone_request_and_the_batch_the_rest(model, tokenizer):
-    """What serving_engine sets up on a GPU: generate() for a request that finds the engine idle."""
-    from alpaca_cog.engine import GenerateDecoder
-
-    engine = Engine(model, tokenizer)
-    engine.single = GenerateDecoder(engine)
-    try:
-        ids = prompt_ids(tokenizer, PROMPTS[3])
-        long = engine.submit(Request(ids, GenerationParams(temperature=0, max_tokens=120)))
-        pieces = iter(long)
-        next(pieces)
-        busy = engine.complete([Request(prompt_ids(tokenizer, PROMPTS[0]), GREEDY)])[0]
-        rest = "".join(pieces)
-        assert (long.result.backend, busy.backend) == ("generate", "transformers") and rest
-        assert long.result.text == complete(model, tokenizer, ids, GenerationParams(temperature=0, max_tokens=120))
-        assert busy.text == complete(model, tokenizer, prompt_ids(tokenizer, PROMPTS[0]), GREEDY)
-    finally:
-        engine.close()
