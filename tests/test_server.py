@@ -49,6 +49,18 @@ def test_greedy_prediction_is_deterministic_and_answers(server):
     assert "### Instruction" not in text and "Name three primary colors" not in text  # response only
 
 
+def test_a_lone_prediction_is_llama_cpps_and_starts_as_fp32_transformers_answers(server, weights_dir):
+    from alpaca_cog.generate import GenerationParams, complete
+    from alpaca_cog.model import load_model, load_tokenizer
+    from alpaca_cog.prompts import encode_prompt
+
+    body = predict(server, prompt="Tell me about alpacas.", prompt_template="alpaca", temperature=0, max_tokens=16).json()
+    assert body["status"] == "succeeded" and body["metrics"]["backend"] == "llama.cpp", body
+    tokenizer = load_tokenizer(weights_dir)
+    ids = encode_prompt(tokenizer, "alpaca", "Tell me about alpacas.")
+    assert "".join(body["output"]) == complete(load_model(weights_dir, device="cpu"), tokenizer, ids, GenerationParams(temperature=0, max_tokens=16))
+
+
 def test_max_tokens_bounds_the_output(server):
     body = predict(server, prompt="Tell me about alpacas.", max_tokens=5, temperature=0.7, seed=1).json()
     assert body["status"] == "succeeded"
