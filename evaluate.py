@@ -59,7 +59,8 @@ def evaluate(
             model = load_model(base_weights)
             if folder is not None:
                 model = apply_adapter(model, folder)
-            results[name] = evaluate_model(model, tokenizer, examples, template, max_tokens, batch_size, reference_last_number)
+            own = load_tokenizer(base_weights, [folder]) if folder is not None else tokenizer  # an extended vocabulary's
+            results[name] = evaluate_model(model, own, examples, template, max_tokens, batch_size, reference_last_number)
             print(f"[{n}/{len(models)}] {name}: done in {results[name]['time_s']:.0f}s", file=sys.stderr, flush=True)
             del model
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from . import archive
+from .model import adapter_vocab_size
 
 DEFAULT_CAPACITY = 10  # as Replicate's LLaMA template caches fine-tunes
 
@@ -36,6 +37,15 @@ def prompt_template_of(folder: Path) -> str | None:
         return json.loads(path.read_text())["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_vocabulary(folder: Path, model, spec: str) -> None:
+    """An adapter loaded beside a running model shares its tokenizer: one that brings a vocabulary of another size
+    (trained with an extended tokenizer) is refused; it belongs where the model is loaded, with its tokenizer."""
+    rows, have = adapter_vocab_size(folder), model.get_input_embeddings().weight.shape[0]
+    if rows is not None and rows != have:
+        raise ValueError(f"weights: {spec} brings its own vocabulary ({rows} tokens; the running model has {have}): apply it "
+                         "at start-up (predict.py's setup weights, COG_WEIGHTS) or serve its merge (convert_weights.py --to merged)")  # fmt: skip
 
 
 def unpack(spec: str, work_dir: Path) -> Path:
@@ -80,6 +90,7 @@ class AdapterCache:
             work_dir = Path(tempfile.mkdtemp(prefix="alpaca-cog-adapter-"))
             try:
                 folder = _named_input(unpack, spec, work_dir)
+                _named_input(check_vocabulary, folder, self.engine.model, spec.partition("#")[0])
                 name = sha256_of(*(folder / f for f in archive.ADAPTER_FILES))[:16]
                 hit = name in self._loaded
                 if not hit:

@@ -13,6 +13,10 @@ import urllib.request
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# A tokenizer's files as transformers saves them (and Meta's SentencePiece model): what an archive carries beside the
+# adapter when training extended the vocabulary (convert_weights.py --extend_vocab).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
 MAX_UNPACKED_BYTES = 8 * 2**30  # a LoRA adapter of a 70B model at r=64 is under 2 GiB
 
 
@@ -62,6 +66,31 @@ def adapter_dir(weights: str, work_dir: str | Path | None = None) -> Path:
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="alpaca-cog-weights-"))
     path = fetch(weights, work_dir)
     return check_adapter(path if path.is_dir() else extract(path, work_dir / "unpacked"), weights)
+
+
+def adapter_dirs(weights: str, work_dir: str | Path | None = None) -> list[Path]:
+    """adapter_dir for each of comma-separated `weights` ("a.tar,b.tar"), in their order."""
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="alpaca-cog-weights-"))
+    specs = [spec.strip() for spec in weights.split(",") if spec.strip()]
+    if not specs:
+        raise ValueError(f"weights: {weights!r} names no adapter")
+    return [adapter_dir(spec, work_dir / str(i)) for i, spec in enumerate(specs)]
+
+
+def carries_tokenizer(folder: Path) -> bool:
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
+def tokenizer_dir(spec: str, work_dir: str | Path) -> Path:
+    """The folder of a tokenizer (convert_weights.py --extend_vocab's output), given as a folder or a tar of one."""
+    try:
+        path = fetch(spec, Path(work_dir))
+        folder = path if path.is_dir() else extract(path, Path(work_dir) / "unpacked")
+    except (ValueError, FileNotFoundError) as e:  # the same checks as trained weights get; the message names this input
+        raise type(e)(f"tokenizer: {str(e).removeprefix('weights: ')}") from None
+    if not carries_tokenizer(folder):
+        raise ValueError(f"tokenizer: {spec} holds no tokenizer (tokenizer_config.json missing)")
+    return folder
 
 
 def check_adapter(folder: Path, weights: str) -> Path:

@@ -4,7 +4,7 @@
   layer by layer in bounded memory;
 - GGUF to Hugging Face (transformers' own reader; the embedded SmolLM2 default);
 - Hugging Face to GGUF (f16, q8_0) for llama.cpp, and back to Meta's layout;
-- merging a trained LoRA adapter into the base for any of the exports.
+- merging trained LoRA adapters (one, or several in order) into the base for any of the exports.
 """
 
 import importlib.util
@@ -271,28 +271,30 @@ def meta_params(config) -> dict:
 
 
 def load_for_export(model_dir: str | Path, adapter: str | None = None, dtype: torch.dtype = torch.float32):
-    """The full-precision base (never the quantized one training may have used), with the adapter merged."""
-    from .archive import adapter_dir
-    from .model import apply_adapter, check_model_dir
+    """(model, tokenizer, the tokenizer's folder): the full-precision base (never the quantized one training may have
+    used) with the adapters merged in their order (`adapter`: "a.tar" or "a.tar,b.tar"), and the tokenizer of the last
+    adapter that carries one (an extended vocabulary), else the base's."""
+    from .archive import adapter_dirs
+    from .model import apply_adapters, check_model_dir, tokenizer_source
 
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(model_dir), dtype=dtype)
-    if adapter:
-        model = apply_adapter(model, adapter_dir(adapter), merge=True)
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    folders = adapter_dirs(adapter) if adapter else []
+    model = apply_adapters(AutoModelForCausalLM.from_pretrained(check_model_dir(model_dir), dtype=dtype), folders)
+    source = tokenizer_source(model_dir, folders)
+    return model, AutoTokenizer.from_pretrained(source), source
 
 
 def export_hf(model_dir, output_dir, adapter=None, dtype=torch.float32, force=False) -> Path:
-    model, tokenizer = load_for_export(model_dir, adapter, dtype)
+    model, tokenizer, tokenizer_dir = load_for_export(model_dir, adapter, dtype)
     with atomic_dir(output_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _copy_sentencepiece(model_dir, tmp)
+        _copy_sentencepiece(tokenizer_dir, tmp)
     return Path(output_dir)
 
 
 def export_meta(model_dir, output_dir, adapter=None, force=False) -> Path:
     """consolidated.00.pth + params.json (+ tokenizer.model), as Alpaca-LoRA's export_state_dict_checkpoint.py."""
-    model, _ = load_for_export(model_dir, adapter, dtype=None)
+    model, _, tokenizer_dir = load_for_export(model_dir, adapter, dtype=None)
     config, sd = model.config, model.state_dict()
     meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
             "output.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}  # fmt: skip
@@ -305,7 +307,7 @@ def export_meta(model_dir, output_dir, adapter=None, force=False) -> Path:
     with atomic_dir(output_dir, force=force) as tmp:
         torch.save({k: v.contiguous().clone() for k, v in meta.items()}, tmp / "consolidated.00.pth")
         (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2))
-        _copy_sentencepiece(model_dir, tmp)
+        _copy_sentencepiece(tokenizer_dir, tmp)
     return Path(output_dir)
 
 
@@ -316,6 +318,25 @@ GGUF_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }  # fmt: skip
+
+
+def _gguf_vocab(tokenizer_dir: Path, tokenizer) -> tuple:
+    """(vocab, token texts, scores, types) of the tokenizer in tokenizer_dir, as gguf-py reads it. BpeVocab types every
+    added token CONTROL, which llama.cpp neither reads from text nor prints; those that are not special (an extended
+    vocabulary's, convert_weights.py --extend_vocab) become USER_DEFINED, as llama.cpp's own converter has them."""
+    import gguf
+
+    if (tokenizer_dir / "tokenizer.model").exists():
+        vocab = gguf.vocab.LlamaHfVocab(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").exists() else gguf.vocab.SentencePieceVocab(tokenizer_dir)
+    else:
+        vocab = gguf.vocab.BpeVocab(tokenizer_dir)
+    plain = {i for i, token in tokenizer.added_tokens_decoder.items() if not token.special}
+    texts, scores, types = [], [], []
+    for i, (text, score, token_type) in enumerate(vocab.all_tokens()):
+        texts.append(text)
+        scores.append(score)
+        types.append(gguf.TokenType.USER_DEFINED if i in plain and token_type == gguf.TokenType.CONTROL else token_type)
+    return vocab, texts, scores, types
 
 
 def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_tokenizer: str = "default",
@@ -334,7 +355,7 @@ def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_
     if outtype not in kinds:
         raise ValueError(f"--outtype: {outtype!r}; choose one of {list(kinds)}")
     file_type, matrix_type = kinds[outtype]
-    model, tokenizer = load_for_export(model_dir, adapter)
+    model, tokenizer, tokenizer_dir = load_for_export(model_dir, adapter)
     config, sd = model.config, model.state_dict()
     model_dir = Path(model_dir)
 
@@ -348,15 +369,7 @@ def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_
                 tensor = permute_to_meta(tensor, heads)  # llama.cpp's llama arch keeps Meta's rotary layout
             tensors[f"blk.{layer}.{gguf_name}"] = tensor
 
-    if (model_dir / "tokenizer.model").exists():
-        vocab = gguf.vocab.LlamaHfVocab(model_dir) if (model_dir / "tokenizer.json").exists() else gguf.vocab.SentencePieceVocab(model_dir)
-    else:
-        vocab = gguf.vocab.BpeVocab(model_dir)
-    texts, scores, types = [], [], []
-    for text, score, token_type in vocab.all_tokens():
-        texts.append(text)
-        scores.append(score)
-        types.append(token_type)
+    vocab, texts, scores, types = _gguf_vocab(tokenizer_dir, tokenizer)
 
     with atomic_file(output_path) as partial:
         writer = gguf.GGUFWriter(partial, "llama")
@@ -378,7 +391,7 @@ def export_gguf(model_dir, output_path, adapter=None, outtype: str = "f16", pre_
         writer.add_token_list(texts)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        gguf.SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(texts)).add_to_gguf(writer)
+        gguf.SpecialVocab(tokenizer_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(texts)).add_to_gguf(writer)
         for name, tensor in tqdm(tensors.items(), desc=f"gguf {outtype}", unit="tensor"):
             data = tensor.float().numpy()
             if data.ndim == 1:

@@ -1,4 +1,4 @@
-"""Alpaca-format training data: loading with line-precise errors, tokenizing, packing."""
+"""Training data: Alpaca-format records (loaded with line-precise errors) or plain text; tokenizing, packing."""
 
 import json
 from dataclasses import dataclass
@@ -78,6 +78,41 @@ def load_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
+
+
+def is_plain_text(path: str | Path) -> bool:
+    """Whether train_data is plain text for continued pre-training (a .txt file or a folder) rather than Alpaca JSON."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() == ".txt"
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Plain text: a .txt file, or every .txt file in a folder (sorted, recursively); one text per non-empty line,
+    as Hugging Face datasets' text loader (and so Chinese-LLaMA-Alpaca's run_clm_pt_with_peft.py) reads them."""
+    path = Path(path)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: a folder without .txt files; plain-text training reads .txt files")
+    texts = []
+    for file in files:
+        try:
+            texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise ValueError(f"{path}: no text (every line is empty)")
+    return texts
+
+
+def text_blocks(texts: list[str], tokenizer, block_len: int) -> list[dict]:
+    """Continued pre-training examples: the texts tokenized, each followed by EOS, end to end, cut into blocks of
+    block_len tokens (the last one shorter), every token labelled."""
+    ids: list[int] = []
+    for start in range(0, len(texts), 1000):  # batches: the fast tokenizer encodes each batch in parallel
+        for row in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
+            ids += row + [tokenizer.eos_token_id]
+    blocks = [ids[i : i + block_len] for i in range(0, len(ids), block_len)]
+    return [{"input_ids": b, "labels": b} for b in blocks if len(b) > 1]  # a lone token predicts nothing
 
 
 def tokenize(example: Example, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> tuple[dict, bool]:

@@ -97,8 +97,9 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, whole: the same for any process count, DDP or FSDP."""
-    return {name: whole(p) for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, whole: the same for any process count, DDP or FSDP. A parameter shared by
+    two modules (tied embeddings trained with modules_to_save) is listed under both names, as PEFT saves it."""
+    return {name: whole(p) for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

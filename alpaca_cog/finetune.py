@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .archive import adapter_dir
-from .data import IGNORE_INDEX, load_examples, pack, tokenize
+from .archive import TOKENIZER_FILES, adapter_dir, tokenizer_dir
+from .data import IGNORE_INDEX, is_plain_text, load_examples, load_texts, pack, text_blocks, tokenize
 from .distributed import (Processes, gradient_sync, load_optimizer_state, optimizer_state, processes, trainable_state,
                           whole, wrap)  # fmt: skip
-from .model import Quantization, default_dtype, load_model, load_tokenizer
+from .model import Precision, Quantization, fit_vocabulary, load_model, load_tokenizer, training_dtype
 from .outputs import atomic_dir, atomic_file
 from .prompts import build_prompt
 
@@ -30,6 +30,7 @@ STATE_FILE = "trainer_state.pt"
 CE_CHUNK = 256  # positions per cross-entropy chunk: 50 MB of fp32 logits with a 49K vocabulary
 MAX_GRAD_NORM = 1.0  # transformers Trainer's default, so Alpaca-LoRA's recipe clips at 1.0 too
 PACKED_ATTENTION = "packed_sdpa"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def packed_attention(module, query, key, value, attention_mask, sequence_bounds: list[int] | None = None, **kwargs):
@@ -89,6 +90,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=positions, sequence_bounds=bounds).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
+    # With lm_head in modules_to_save the output layer is PEFT's wrapper, whose .weight is the trainable copy's.
     return _LinearCrossEntropy.apply(hidden[:, :-1][keep], causal_lm.get_output_embeddings().weight, labels[keep])
 
 
@@ -167,12 +169,18 @@ def _read_checkpoint(path: Path, lora_fingerprint: dict) -> dict:
     return state
 
 
+def _save_adapter(model, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    # Where training changed whole embeddings (a grown vocabulary) modules_to_save holds them already; PEFT's
+    # save_embedding_layers="auto" would add another copy of them.
+    model.save_pretrained(folder, state_dict=weights, save_embedding_layers=False)
+
+
 def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: dict, lora_fingerprint: dict, main: bool) -> None:
     weights, optimizer_saved = trainable_state(model), optimizer_state(model, optimizer)  # every process gathers
     if not main:
         return
     with atomic_dir(root / f"step-{step:06d}", force=True) as tmp:
-        model.save_pretrained(tmp, state_dict=weights)  # a PEFT adapter, loadable on its own
+        _save_adapter(model, tmp, weights)  # a PEFT adapter, loadable on its own
         state = dict(step=step, optimizer=optimizer_saved, scheduler=scheduler.state_dict(),
                      history=history, rng=_rng_state(), lora=lora_fingerprint)  # fmt: skip
         torch.save(state, tmp / STATE_FILE)
@@ -250,25 +258,30 @@ def evaluate_at_end(model, tokenizer, examples: list, template: str, cutoff_len:
     return result
 
 
-def write_archive(model, adapter: dict, tokenizer, prompt_template: str, metrics: dict, output_path: Path) -> None:
-    """The training output: adapter, template, metrics and loss curve in one tar, written atomically."""
+def write_archive(model, adapter: dict, tokenizer, prompt_template: str, metrics: dict, output_path: Path,
+                  tokenizer_folder: Path | None = None) -> None:  # fmt: skip
+    """The training output: adapter, template, metrics and loss curve in one tar, written atomically; and the
+    tokenizer's files from `tokenizer_folder` when training extended the vocabulary."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model.save_pretrained(tmp, state_dict=adapter)
+        _save_adapter(model, tmp, adapter)
         template = {"name": prompt_template, "no_input": build_prompt(prompt_template, "{instruction}", "", tokenizer),
                     "with_input": build_prompt(prompt_template, "{instruction}", "{input}", tokenizer)}  # fmt: skip
         (tmp / "prompt_template.json").write_text(json.dumps(template, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_losses(metrics["history"], tmp / "loss.png")
-        names = ARCHIVE_FILES
+        names = list(ARCHIVE_FILES)
         if "evaluation" in metrics:
             from .evaluation import plot_evaluation
 
             plot_evaluation({"trained": metrics["evaluation"]}, tmp / "eval.png")
-            names = [*ARCHIVE_FILES, "eval.png"]
+            names.append("eval.png")
         with atomic_file(output_path) as partial, tarfile.open(partial, "w") as tar:
             for name in names:
                 tar.add(tmp / name, arcname=name)
+            for name in TOKENIZER_FILES if tokenizer_folder else ():
+                if (tokenizer_folder / name).is_file():
+                    tar.add(tokenizer_folder / name, arcname=name)
 
 
 def _check_writable(output_path: Path) -> None:
@@ -322,29 +335,89 @@ def _encode_and_split(examples: list, tokenizer, prompt_template: str, cutoff_le
             encoded.append(item | {"example": example})  # the text too, for eval_at_end
         truncated += was_truncated
     say(f"{len(examples)} examples; {truncated} truncated to cutoff_len={cutoff_len}")
-    random.Random(seed).shuffle(encoded)
-    if val_set_size >= len(encoded) // 2 and val_set_size:
-        val_set_size = len(encoded) // 10
-        say(f"val_set_size lowered to {val_set_size} (a tenth of the {len(encoded)} examples)")
-    return encoded[val_set_size:], encoded[:val_set_size], truncated
+    return *_split(encoded, val_set_size, seed, "examples", say), truncated
 
 
-def _lora_model(base_weights, procs: Processes, shard: bool, quantization: Quantization, lora: dict, say):
-    """The base model (quantized if asked) with fresh LoRA adapters on `lora["target_modules"]`."""
+def _blocks_and_split(texts: list[str], tokenizer, cutoff_len: int, val_set_size: int, seed: int, say) -> tuple[list[dict], list[dict], int]:
+    """(train, validation, 0): plain text as cutoff_len-token blocks (continued pre-training), shuffled and split."""
+    blocks = text_blocks(texts, tokenizer, cutoff_len)
+    say(f"{len(texts)} texts; {sum(len(b['input_ids']) for b in blocks)} tokens in {len(blocks)} blocks of cutoff_len={cutoff_len}")
+    return *_split(blocks, val_set_size, seed, "blocks", say), 0
+
+
+def _split(items: list[dict], val_set_size: int, seed: int, unit: str, say) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the items shuffled (seeded), val_set_size of them held out."""
+    random.Random(seed).shuffle(items)
+    if val_set_size >= len(items) // 2 and val_set_size:
+        val_set_size = len(items) // 10
+        say(f"val_set_size lowered to {val_set_size} (a tenth of the {len(items)} {unit})")
+    return items[val_set_size:], items[:val_set_size]
+
+
+EMBEDDINGS = ("embed_tokens", "lm_head")  # LLaMA's input and output layers, one matrix when the model ties them
+
+
+def _training_tokenizer(tokenizer: Path | None, base_weights: Path, modules_to_save: list[str]) -> tuple[object, Path | None]:
+    """(tokenizer, the folder it came from when not the base's): the `tokenizer` input checked to extend the base's
+    vocabulary, every old id kept, with its new rows trained whole (modules_to_save)."""
+    from transformers import AutoConfig
+
+    if tokenizer is None:
+        return load_tokenizer(base_weights), None
+    folder = tokenizer_dir(str(tokenizer), tempfile.mkdtemp(prefix="alpaca-cog-tokenizer-"))
+    extended, base_vocab = load_tokenizer(folder), load_tokenizer(base_weights).get_vocab()
+    vocab = extended.get_vocab()
+    moved = next(((piece, i) for piece, i in base_vocab.items() if vocab.get(piece) != i), None)
+    if moved:
+        raise ValueError(f"tokenizer: {tokenizer} does not extend the base's vocabulary: {moved[0]!r} is id {moved[1]} in "
+                         f"the base, {vocab.get(moved[0])} here (convert_weights.py --extend_vocab keeps every id)")  # fmt: skip
+    config = AutoConfig.from_pretrained(base_weights)
+    trained = set(EMBEDDINGS) & set(modules_to_save)
+    # Tied embeddings are one matrix: training either trains both (PEFT's ensure_weight_tying).
+    if len(extended) > config.vocab_size and not (trained if config.tie_word_embeddings else trained == set(EMBEDDINGS)):
+        raise ValueError(f"modules_to_save: the tokenizer adds {len(extended) - config.vocab_size} tokens, whose embedding "
+                         f"and output rows must be trained and saved: include {','.join(EMBEDDINGS)}")  # fmt: skip
+    return extended, folder
+
+
+def _lora_model(base_weights, procs: Processes, shard: bool, quantization: Quantization, dtype: torch.dtype, lora: dict,
+                vocab_size: int, say):  # fmt: skip
+    """The base model (in `dtype`, or quantized; its embeddings grown to `vocab_size`) with fresh LoRA adapters on
+    `lora["target_modules"]`, which PEFT keeps in fp32 whatever the base's dtype, and trainable copies of
+    `lora["modules_to_save"]`."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     # FSDP shards from host memory, so no GPU ever holds the whole model.
-    model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=default_dtype(procs.device),
-                       quantization=quantization, training=True)  # fmt: skip
+    model = load_model(base_weights, device="cpu" if shard else procs.device, dtype=dtype, quantization=quantization, training=True)
+    if fit_vocabulary(model, vocab_size, mean_resizing=True):
+        say(f"embeddings grown to the tokenizer's {vocab_size} tokens (new rows around the old ones' mean)")
+    _check_modules_to_save(model, lora["modules_to_save"] or [])
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    named = set(EMBEDDINGS) & {*lora["target_modules"], *(lora["modules_to_save"] or [])}
+    if tied and named:
+        say(f"tied embeddings: {' and '.join(EMBEDDINGS)} are one matrix in this model; {', '.join(sorted(named))} "
+            "trains it for both, and it stays tied")  # fmt: skip
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        model = get_peft_model(model, LoraConfig(**lora, bias="none", task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(**lora, bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tied and bool(named)))
     except ValueError as e:
         raise ValueError(f"lora_target_modules: {e}") from None
+    if hasattr(model.get_base_model().get_output_embeddings(), "lora_A"):
+        # loss_sum multiplies by the output layer's weight itself (chunked cross-entropy): a LoRA beside it would get no gradient.
+        raise ValueError("lora_target_modules: a LoRA on the output layer (lm_head" + (", tied to embed_tokens" if tied else "")
+                         + ") is not trained by this recipe; train it whole with modules_to_save instead")  # fmt: skip
     if procs.main:
         model.print_trainable_parameters()
     return model
+
+
+def _check_modules_to_save(model, names: list[str]) -> None:
+    """Each name must be a module of the model: a misspelt one would train nothing."""
+    modules = [name for name, _ in model.named_modules()]
+    for name in names:
+        if not any(m == name or m.endswith(f".{name}") for m in modules):
+            raise ValueError(f"modules_to_save: {name!r} is no module of this model (LLaMA's: embed_tokens, lm_head, norm, ...)")
 
 
 def _load_adapter_to_resume(model, resume_from: Path, lora_fingerprint: dict, say) -> dict | None:
@@ -405,9 +478,12 @@ def finetune(
     lora_alpha: int,
     lora_dropout: float,
     lora_target_modules: str,
+    modules_to_save: str,
+    tokenizer: Path | None,
     train_on_inputs: bool,
     prompt_template: str,
     quantization: Quantization,
+    precision: Precision,
     fsdp: bool,
     seed: int,
     resume_from: Path | None,
@@ -416,7 +492,8 @@ def finetune(
     eval_steps: int,
     eval_at_end: bool,
 ) -> Path:
-    """Train a LoRA adapter on Alpaca-format data; write the weights archive to output_path and return it.
+    """Train a LoRA adapter on Alpaca-format data, or on plain text (continued pre-training); write the weights
+    archive to output_path and return it.
 
     Under torchrun or accelerate launch, each process trains on its share of every batch and
     only the first one prints and writes files.
@@ -439,9 +516,16 @@ def finetune(
         started = time.monotonic()
         if procs.main:
             _check_writable(Path(output_path))
-        examples = load_examples(train_data)  # fail fast on bad data, before loading any model
-        tokenizer = load_tokenizer(base_weights)
-        train, val, truncated = _encode_and_split(examples, tokenizer, prompt_template, cutoff_len, train_on_inputs, val_set_size, seed, say)
+        text = is_plain_text(train_data)
+        examples = load_texts(train_data) if text else load_examples(train_data)  # fail fast on bad data, before loading any model
+        saved = [m.strip() for m in modules_to_save.split(",") if m.strip()]
+        tokenizer, tokenizer_folder = _training_tokenizer(tokenizer, base_weights, saved)  # the input's path, then the tokenizer
+        if text:
+            say("plain text: continued pre-training, every token learned; the archive's prompt template is 'none'")
+            prompt_template = "none"
+            train, val, truncated = _blocks_and_split(examples, tokenizer, cutoff_len, val_set_size, seed, say)
+        else:
+            train, val, truncated = _encode_and_split(examples, tokenizer, prompt_template, cutoff_len, train_on_inputs, val_set_size, seed, say)
         if not train:
             raise ValueError(f"train_data: {train_data} has no usable examples")
 
@@ -449,9 +533,12 @@ def finetune(
         random.seed(seed)
         shard = fsdp and procs.count > 1
         targets = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
-        lora_fingerprint = dict(r=lora_r, alpha=lora_alpha, targets=sorted(targets), base=str(base_weights))
-        lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-        model = _lora_model(base_weights, procs, shard, quantization, lora, say)
+        lora_fingerprint = (dict(r=lora_r, alpha=lora_alpha, targets=sorted(targets), base=str(base_weights))
+                            | ({"modules_to_save": sorted(saved)} if saved else {})
+                            | ({"vocab_size": len(tokenizer)} if tokenizer_folder else {}))  # fmt: skip
+        lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, modules_to_save=saved or None)
+        dtype = training_dtype(procs.device, precision)
+        model = _lora_model(base_weights, procs, shard, quantization, dtype, lora, len(tokenizer) if tokenizer_folder else 0, say)
         checkpoint = None
         if resume_from is not None:  # a checkpoint folder, or an earlier training output (its adapter, a fresh optimizer)
             checkpoint = _load_adapter_to_resume(model, Path(resume_from), lora_fingerprint, say)
@@ -478,7 +565,7 @@ def finetune(
         loss_module.train()
         window = dict(loss=0.0, labels=0, tokens=0, time=0.0, steps=0)
         trained = dict(tokens=0, time=0.0, steps=0)
-        say(f"training {total_steps} steps of {batch_size} examples on {procs.device}"
+        say(f"training {total_steps} steps of {batch_size} examples on {procs.device}, {_DTYPE_NAMES[dtype]} base"
             + (f" in {procs.count} processes ({'FSDP' if shard else 'DDP'})" if procs.count > 1 else "")
             + (" (fsdp: one process, nothing to shard)" if fsdp and not shard else ""))  # fmt: skip
         try:
@@ -518,21 +605,24 @@ def finetune(
             del loss_module
 
         metrics = dict(
-            examples=len(examples), train_examples=len(train), val_examples=len(val), truncated=truncated,
+            data_format="text" if text else "alpaca", examples=len(examples), train_examples=len(train), val_examples=len(val),
+            truncated=truncated,
             steps=step, batch_size=batch_size, cutoff_len=cutoff_len, prompt_template=prompt_template,
             tokens_per_s=trained["tokens"] / trained["time"] if trained["time"] else None,
             wall_time_s=time.monotonic() - started,
             final_train_loss=history["train"][-1]["loss"] if history["train"] else None,
             final_val_loss=history["val"][-1]["loss"] if history["val"] else None,
-            device=procs.device, processes=procs.count, history=history,
+            device=procs.device, precision=_DTYPE_NAMES[dtype], processes=procs.count, history=history,
         )  # fmt: skip
         adapter = trainable_state(model)  # every process gathers its shards
-        if eval_at_end and procs.main:
+        if eval_at_end and text:
+            say("eval_at_end: skipped for plain text (the validation loss measures it)")
+        elif eval_at_end and procs.main:
             with autocast:
                 evaluation = evaluate_at_end(model, tokenizer, [v["example"] for v in val], prompt_template, cutoff_len, shard)
             if evaluation is not None:
                 metrics["evaluation"] = evaluation
         if procs.main:
-            write_archive(model, adapter, tokenizer, prompt_template, metrics, Path(output_path))
+            write_archive(model, adapter, tokenizer, prompt_template, metrics, Path(output_path), tokenizer_folder)
         say(f"done in {_duration(time.monotonic() - started)}: final train loss {metrics['final_train_loss']:.4f}")
         return Path(output_path)

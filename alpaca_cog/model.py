@@ -1,11 +1,14 @@
 """Loading the base model, its tokenizer and a trained LoRA adapter: one path for predict, train and export."""
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .archive import carries_tokenizer
 
 Quantization = Literal["none", "8bit", "4bit"]
 
@@ -40,6 +43,24 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then multiplies bf16 matrices natively (about 3x fp32's speed on an AVX512-BF16
+    EPYC); without them bf16 is emulated and slower than fp32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def training_dtype(device: str, precision: Precision) -> torch.dtype:
+    """The dtype of the frozen base weights in training (LoRA parameters and optimizer state stay fp32: PEFT keeps
+    adapter weights in fp32 over a bf16 base). auto: bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    if precision == "auto":
+        native = device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -50,8 +71,16 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path):
-    tokenizer = AutoTokenizer.from_pretrained(check_model_dir(path))
+def tokenizer_source(path: str | Path, adapters: Sequence[Path] = ()) -> Path:
+    """Where the tokenizer comes from: the last of `adapters` that carries one (training with an extended vocabulary
+    puts it in the archive), else `path`."""
+    return next((Path(a) for a in reversed(adapters) if carries_tokenizer(a)), Path(path))
+
+
+def load_tokenizer(path: str | Path, adapters: Sequence[Path] = ()):
+    """The tokenizer of a model or tokenizer folder, or of the last of `adapters` that carries one."""
+    path = tokenizer_source(path, adapters)
+    tokenizer = AutoTokenizer.from_pretrained(path if carries_tokenizer(path) else check_model_dir(path))
     if tokenizer.pad_token_id is None:  # LLaMA tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -114,9 +143,39 @@ def load_model(
     return model.eval()
 
 
+def fit_vocabulary(model, rows: int, mean_resizing: bool) -> bool:
+    """Grow the embeddings and output layer (one matrix when tied) to `rows` tokens, the old rows unchanged; whether
+    they grew. mean_resizing: new rows drawn around the old ones' mean (transformers' default), else left random."""
+    if rows <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(rows, mean_resizing=mean_resizing)
+    return True
+
+
+def adapter_vocab_size(adapter_dir: str | Path) -> int | None:
+    """The vocabulary of the whole embedding or output layer an adapter carries (modules_to_save), read from the
+    safetensors header; None when it carries neither."""
+    from safetensors import safe_open
+
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    return max(rows, default=None)
+
+
 def apply_adapter(model, adapter_dir: str | Path, merge: bool = True):
-    """Base model plus a PEFT LoRA adapter: merged into the weights (faster decoding) or kept apart."""
+    """Base model plus a PEFT LoRA adapter: merged into the weights (faster decoding) or kept apart. An adapter with
+    whole embeddings for a larger vocabulary first grows the base's to fit (its copies then replace every row)."""
     from peft import PeftModel
 
+    fit_vocabulary(model, adapter_vocab_size(adapter_dir) or 0, mean_resizing=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     return (model.merge_and_unload() if merge else model).eval()
+
+
+def apply_adapters(model, adapter_dirs: Sequence[str | Path], merge: bool = True):
+    """Adapters applied in order, each merged before the next, as Chinese-LLaMA-Alpaca's merge_llama_with_chinese_lora.py
+    does: LoRA deltas add up (their order does not matter), whole module copies (modules_to_save) replace the module,
+    so a later copy wins over an earlier one. merge=False keeps the last one apart."""
+    for i, folder in enumerate(adapter_dirs):
+        model = apply_adapter(model, folder, merge=merge or i < len(adapter_dirs) - 1)
+    return model

@@ -20,6 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 # (ATEN_CPU_CAPABILITY=avx2 on an AVX512 machine, say) aborted the process here when reused. Servers the tests
 # start inherit it.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="alpaca-cog-inductor-"))
+# llama.cpp's GGUF exports (engine.serving_engine) in one folder per run, shared by the servers the tests start.
+os.environ.setdefault("ALPACA_COG_GGUF_CACHE", tempfile.mkdtemp(prefix="alpaca-cog-gguf-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
@@ -176,7 +178,7 @@ def quantizable_model_dir(weights_dir, tmp_path_factory) -> Path:
 # A training run of seconds on the tiny model: every layer adapted, a high learning rate, nothing saved.
 TINY_RUN = dict(train_data=FIXTURES / "gsm8k_64.json", batch_size=8, micro_batch_size=4, val_set_size=8, logging_steps=1,
                 eval_steps=5, cutoff_len=128, lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                learning_rate=1e-2, checkpoint_steps=0)  # fmt: skip
+                learning_rate=1e-2, checkpoint_steps=0, precision="fp32")  # fmt: skip  # the same numbers on every CPU kind
 
 
 def metrics_of(archive: Path) -> dict:

@@ -94,6 +94,31 @@ def test_adapter_loads_in_vanilla_peft_and_merged_equals_unmerged(tiny_training,
     torch.testing.assert_close(merged_logits, peft_logits, rtol=1e-4, atol=1e-4)  # fp32 re-association only
 
 
+def test_bf16_base_trains_fp32_adapters_to_the_fp32_losses(tiny_training, tiny_model_dir, tmp_path):
+    """precision=bf16 (what auto picks on CPUs with native bf16 and on GPUs): the frozen base in bf16, the LoRA
+    weights and their optimizer in fp32; the run follows the fp32 run's losses (same seed, data and steps)."""
+    from safetensors.torch import load_file
+
+    archive = run_finetune(tiny_model_dir, tmp_path, max_steps=20, precision="bf16")
+    metrics, reference = metrics_of(archive), metrics_of(tiny_training)
+    assert metrics["precision"] == "bf16" and reference["precision"] == "fp32"
+    assert {t.dtype for t in load_file(adapter_dir(str(archive), tmp_path / "x") / "adapter_model.safetensors").values()} == {torch.float32}
+    for key in ("train", "val"):
+        ours, theirs = [h["loss"] for h in metrics["history"][key]], [h["loss"] for h in reference["history"][key]]
+        assert ours == pytest.approx(theirs, rel=0.02), key
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_it_natively(monkeypatch, native):
+    from alpaca_cog import model
+
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    assert model.training_dtype("cpu", "auto") == (torch.bfloat16 if native else torch.float32)
+    assert model.training_dtype("cuda", "auto") == torch.bfloat16
+    assert model.training_dtype("cpu", "fp32") == torch.float32 and model.training_dtype("cuda", "fp32") == torch.float32
+    assert model.training_dtype("cpu", "bf16") == torch.bfloat16
+
+
 def _linear4bit(model) -> list:
     import bitsandbytes as bnb
 
