@@ -403,8 +403,9 @@ class Engine:
         if self.single is None or request.logprobs is not None or request.adapter not in (None, self.default_adapter):
             return False
         with self._route_lock:
-            # A sequence that has just finished may not have left the batch yet: the step loop removes it after.
-            idle = not self._single_handles and self._waiting.empty() and all(s.handle.result.finish_reason for s in self._running)
+            # A request that has just finished may not have left yet: its thread removes it after the client hears.
+            busy = [s.handle for s in self._running] + list(self._single_handles)
+            idle = self._waiting.empty() and all(h.result.finish_reason for h in busy)
             if self.single_when == "always" or idle:
                 self._single_handles.add(handle)
                 return True
