@@ -50,8 +50,8 @@ def train(
     prompt_template: str = Input(description="Prompt template, as in predict.py.", default="alpaca", choices=TEMPLATE_NAMES),
     quantization: str = Input(description="Load the base model in 8-bit or 4-bit (QLoRA) via bitsandbytes.", default="none", choices=["none", "8bit", "4bit"]),
     precision: str = Input(description="Base weights in training: bf16 halves their memory and runs about 1.5x faster where the "
-                           "hardware multiplies bf16 natively (GPUs; CPUs with AVX512-BF16 or AMX); auto picks it there, fp32 "
-                           "elsewhere. LoRA weights and optimizer state stay fp32.", default="auto", choices=["auto", "fp32", "bf16"]),
+                           "hardware multiplies bf16 natively (GPUs; CPUs with AVX512-BF16 or AMX); auto picks it there (on a CPU "
+                           "not with modules_to_save), fp32 elsewhere. LoRA weights and optimizer state stay fp32.", default="auto", choices=["auto", "fp32", "bf16"]),
     fsdp: bool = Input(description="With several GPUs, shard the model across them (FSDP) instead of copying it to each: for models one GPU cannot hold.", default=False),
     seed: int = Input(description="Random seed for data order, split and initialisation.", default=42, ge=0),
     resume_from: Path | None = Input(description="A checkpoint folder, or an earlier training output to continue from.", default=None),

@@ -537,7 +537,7 @@ def finetune(
                             | ({"modules_to_save": sorted(saved)} if saved else {})
                             | ({"vocab_size": len(tokenizer)} if tokenizer_folder else {}))  # fmt: skip
         lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, modules_to_save=saved or None)
-        dtype = training_dtype(procs.device, precision)
+        dtype = training_dtype(procs.device, precision, whole_modules=bool(saved))
         model = _lora_model(base_weights, procs, shard, quantization, dtype, lora, len(tokenizer) if tokenizer_folder else 0, say)
         checkpoint = None
         if resume_from is not None:  # a checkpoint folder, or an earlier training output (its adapter, a fresh optimizer)

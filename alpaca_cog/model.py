@@ -52,12 +52,18 @@ def cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def training_dtype(device: str, precision: Precision) -> torch.dtype:
+def training_dtype(device: str, precision: Precision, whole_modules: bool = False) -> torch.dtype:
     """The dtype of the frozen base weights in training (LoRA parameters and optimizer state stay fp32: PEFT keeps
-    adapter weights in fp32 over a bf16 base). auto: bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    adapter weights in fp32 over a bf16 base). auto: bf16 on GPUs and on CPUs with native bf16, else fp32.
+
+    whole_modules (modules_to_save): PEFT copies those in the base's dtype, and on a CPU (no autocast) they would
+    train in bf16, whose 8-bit mantissa loses small updates: auto stays fp32 there, and bf16 is refused."""
+    cpu = device == "cpu"
     if precision == "auto":
-        native = device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16())
+        native = device.startswith("cuda") or (cpu and cpu_has_native_bf16() and not whole_modules)
         return torch.bfloat16 if native else torch.float32
+    if precision == "bf16" and cpu and whole_modules:
+        raise ValueError("precision: bf16 would train modules_to_save's whole copies in bf16 on a CPU; use auto or fp32")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 

@@ -117,6 +117,10 @@ def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_it_natively(m
     assert model.training_dtype("cuda", "auto") == torch.bfloat16
     assert model.training_dtype("cpu", "fp32") == torch.float32 and model.training_dtype("cuda", "fp32") == torch.float32
     assert model.training_dtype("cpu", "bf16") == torch.bfloat16
+    # modules_to_save's whole copies would train in bf16 on a CPU (no autocast there)
+    assert model.training_dtype("cpu", "auto", whole_modules=True) == torch.float32
+    with pytest.raises(ValueError, match="precision: bf16 would train modules_to_save's whole copies in bf16"):
+        model.training_dtype("cpu", "bf16", whole_modules=True)
 
 
 def _linear4bit(model) -> list:
