@@ -284,6 +284,8 @@ class Engine:
         self._thread.join()
         self._single_worker.shutdown()  # the queued ones end at once: they are cancelled
         self._alone_worker.shutdown()
+        if self.single is not None:
+            self.single.close()
 
     # ---- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, folder) -> None:

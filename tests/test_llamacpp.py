@@ -119,7 +119,7 @@ def test_backend_llama_cpp_takes_concurrent_requests_one_after_another(base_mode
 
 def test_the_export_is_cached_by_content(weights_dir, tmp_path, monkeypatch):
     exports = []
-    monkeypatch.setattr(llamacpp, "export_gguf", lambda base, path, adapters, outtype, force: exports.append(path) or path.write_bytes(b"x"))
+    monkeypatch.setattr(llamacpp, "_export_in_child", lambda base, path, adapters: exports.append(path) or path.write_bytes(b"x"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"one")
