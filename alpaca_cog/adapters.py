@@ -63,8 +63,7 @@ def unpack(spec: str, work_dir: Path) -> Path:
         actual = sha256_of(path)
         if actual != expected:
             raise ValueError(f"lora_weights: {location}: sha256 is {actual}, not the pinned {expected}")
-    folder = path if path.is_dir() else archive.extract(path, work_dir / "unpacked")
-    return archive.check_adapter(folder, location)
+    return archive.check_adapter(archive.folder_of(path, work_dir), location)
 
 
 class AdapterCache:

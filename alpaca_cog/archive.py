@@ -60,12 +60,16 @@ def extract(archive: Path, dest_dir: Path, max_bytes: int = MAX_UNPACKED_BYTES) 
     return dest_dir
 
 
+def folder_of(path: Path, work_dir: Path) -> Path:
+    """`path` if it is a folder, else the tar at `path` extracted into work_dir."""
+    return path if path.is_dir() else extract(path, work_dir / "unpacked")
+
+
 def adapter_dir(weights: str, work_dir: str | Path | None = None) -> Path:
     """The folder holding adapter_model.safetensors + adapter_config.json for `weights`
     (a training-output tar, or a folder that already holds them)."""
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="alpaca-cog-weights-"))
-    path = fetch(weights, work_dir)
-    return check_adapter(path if path.is_dir() else extract(path, work_dir / "unpacked"), weights)
+    return check_adapter(folder_of(fetch(weights, work_dir), work_dir), weights)
 
 
 def adapter_dirs(weights: str, work_dir: str | Path | None = None) -> list[Path]:
@@ -84,8 +88,7 @@ def carries_tokenizer(folder: Path) -> bool:
 def tokenizer_dir(spec: str, work_dir: str | Path) -> Path:
     """The folder of a tokenizer (convert_weights.py --extend_vocab's output), given as a folder or a tar of one."""
     try:
-        path = fetch(spec, Path(work_dir))
-        folder = path if path.is_dir() else extract(path, Path(work_dir) / "unpacked")
+        folder = folder_of(fetch(spec, Path(work_dir)), Path(work_dir))
     except (ValueError, FileNotFoundError) as e:  # the same checks as trained weights get; the message names this input
         raise type(e)(f"tokenizer: {str(e).removeprefix('weights: ')}") from None
     if not carries_tokenizer(folder):

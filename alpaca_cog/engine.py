@@ -475,10 +475,11 @@ def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None
     backend = env_choice("ALPACA_COG_BACKEND", "auto", ["auto", "transformers", "llama.cpp"])
     if env_flag("ALPACA_COG_COMPILE", False) and use_compiled_decoding(model, tokenizer):
         backend = "transformers"
-    if backend == "llama.cpp" and not llamacpp.available():
+    installed = llamacpp.available()
+    if backend == "llama.cpp" and not installed:
         raise ValueError("ALPACA_COG_BACKEND=llama.cpp: llama-cpp-python is not installed")
     single = None
-    if base_dir is not None and (backend == "llama.cpp" or (backend == "auto" and model.device.type == "cpu" and llamacpp.available())):
+    if base_dir is not None and (backend == "llama.cpp" or (backend == "auto" and model.device.type == "cpu" and installed)):
         try:
             gguf = llamacpp.cached_gguf(base_dir, list(adapter_dirs), env_path("ALPACA_COG_GGUF_CACHE", llamacpp.DEFAULT_CACHE))
             single = llamacpp.LlamaCppDecoder(gguf, context=model.config.max_position_embeddings)
