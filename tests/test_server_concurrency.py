@@ -57,6 +57,12 @@ def predict(server, **inputs) -> dict:
     return response.json()
 
 
+def wait_for_free_slots() -> None:
+    """Before MAX predictions at once: Cog frees a finished prediction's slot just after answering it, and a burst
+    right after an answer got a 409 (twice in fresh-clone runs)."""
+    time.sleep(1)
+
+
 def stream(server, inputs: dict, chunks: list | None = None, prediction_id: str | None = None) -> dict:
     """A streaming client: output events into `chunks`, returns the final event's data."""
     body = {"input": inputs} | ({"id": prediction_id} if prediction_id else {})
@@ -82,7 +88,7 @@ def test_eight_concurrent_streaming_clients_answer_as_each_alone(server):
     requests_ = [dict(prompt=p, temperature=0, max_tokens=24 + 4 * i) for i, p in enumerate(PROMPTS)]
     requests_[1] |= dict(temperature=0.8, top_p=0.9, top_k=20, seed=5)  # a sampled neighbour changes nothing
     alone = ["".join(predict(server, **r)["output"]) for r in requests_]
-    time.sleep(1)  # Cog frees a finished prediction's slot just after answering it: eight at once got a 409 once
+    wait_for_free_slots()
     with ThreadPoolExecutor(MAX) as pool:
         together = list(pool.map(lambda r: stream(server, r, chunks := []) | {"chunks": chunks}, requests_))
     for i, (single, final) in enumerate(zip(alone, together)):
@@ -97,6 +103,7 @@ def test_a_ninth_concurrent_prediction_gets_409_and_a_cancelled_one_leaves_the_o
     long = dict(prompt="Write a long story about alpacas.", temperature=0.7, max_tokens=250, seed=1)
     short = dict(prompt=PROMPTS[0], temperature=0, max_tokens=20)
     expected_short = "".join(predict(server, **short)["output"])
+    wait_for_free_slots()
     finals: dict[int, dict] = {}
     chunks: dict[int, list] = {i: [] for i in range(MAX)}
 
