@@ -321,21 +321,24 @@ GGUF_NAMES = {
 
 
 def _gguf_vocab(tokenizer_dir: Path, tokenizer) -> tuple:
-    """(vocab, token texts, scores, types) of the tokenizer in tokenizer_dir, as gguf-py reads it. BpeVocab types every
-    added token CONTROL, which llama.cpp neither reads from text nor prints; those that are not special (an extended
-    vocabulary's, convert_weights.py --extend_vocab) become USER_DEFINED, as llama.cpp's own converter has them."""
+    """(vocab, token texts, scores, types) of the tokenizer in tokenizer_dir, as gguf-py reads it, with the types
+    llama.cpp's own converter gives: CONTROL (neither read from text nor printed) for the tokenizer's special tokens,
+    which BpeVocab types NORMAL when they are in the base vocabulary (SmolLM2's <|im_end|>); USER_DEFINED for added
+    tokens that are not special (an extended vocabulary's, convert_weights.py --extend_vocab)."""
     import gguf
 
     if (tokenizer_dir / "tokenizer.model").exists():
         vocab = gguf.vocab.LlamaHfVocab(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").exists() else gguf.vocab.SentencePieceVocab(tokenizer_dir)
     else:
         vocab = gguf.vocab.BpeVocab(tokenizer_dir)
-    plain = {i for i, token in tokenizer.added_tokens_decoder.items() if not token.special}
+    added = tokenizer.added_tokens_decoder
     texts, scores, types = [], [], []
     for i, (text, score, token_type) in enumerate(vocab.all_tokens()):
         texts.append(text)
         scores.append(score)
-        types.append(gguf.TokenType.USER_DEFINED if i in plain and token_type == gguf.TokenType.CONTROL else token_type)
+        if i in added and token_type in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL):  # <unk> stays UNKNOWN
+            token_type = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+        types.append(token_type)
     return vocab, texts, scores, types
 
 

@@ -1,20 +1,20 @@
 """The one decoding engine behind every front end (the Cog predictor, serve.py, evaluate.py).
 
 Requests are decoded together, continuous-batching style: a background thread runs one step at a time
-over every active sequence; a new request is prefilled alone and joins the batch at the next step, a
+over every active sequence; a new request is prefilled alone and joins a running batch at the next step, a
 finished or cancelled one leaves it. Each request keeps its own sampling parameters, seed, stop strings
-and LoRA adapter (PEFT's mixed-adapter batches). The running batch shares one KV cache, left-padded to
-its longest sequence, with an attention mask and per-sequence positions, so each sequence is decoded as
-if it were alone (up to floating-point rounding). Beam search, and compiled decoding when it is on
-(generate.use_compiled_decoding), run through transformers' generate(), one request at a time, between steps.
-On a CPU, a request that finds the engine idle is decoded by llama.cpp instead (alpaca_cog.llamacpp), several
-times faster for one sequence; serving_engine says which backend serves what.
+and LoRA adapter; the engine samples every token itself, whichever backend computed the logits. Two kinds of
+batch: transformers' (_TransformersBatch: every request, per-request adapters) and, on a CPU, llama.cpp's
+(alpaca_cog.llamacpp: the default model, several times faster there); serving_engine says which is used.
+Beam search, and compiled decoding when it is on (generate.use_compiled_decoding), run through transformers'
+generate(), one request at a time, between steps.
 """
 
 import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -146,6 +146,7 @@ class _Sequence:
         self.ids: list[int] = []
         self.length = len(request.prompt_ids)  # tokens in the cache once this sequence's last token is fed
         self.sent = 0  # characters of the decoded text already emitted
+        self.state = None  # its batch's: the prefilled KV cache until it joins (transformers), its sequence id (llama.cpp)
         self.sample = self.params.temperature >= MIN_SAMPLING_TEMPERATURE
         self.generator = None
         if self.sample:
@@ -191,35 +192,99 @@ class _Sequence:
         return True
 
 
+class _TransformersBatch:
+    """The running batch on transformers' forward: one KV cache, left-padded to its longest sequence, with an
+    attention mask and per-sequence positions, so each sequence is decoded as if it were alone (up to rounding).
+    Serves every request, each with its own LoRA adapter (PEFT's mixed-adapter batches)."""
+
+    name = "transformers"
+
+    def __init__(self, engine: "Engine"):
+        self.engine, self.running = engine, []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (batch, cache length): 1 where a sequence has a token
+        self._padded = False  # whether the mask has a 0 anywhere
+
+    def can_take(self, seq: "_Sequence") -> bool:
+        return len(self.running) < self.engine.max_batch
+
+    def prefill(self, seq: "_Sequence") -> torch.Tensor:
+        """The prompt alone, into a cache of its own (kept on seq until join); its last position's logits."""
+        model = self.engine.model
+        seq.state = DynamicCache(config=model.config)
+        ids = torch.tensor([seq.handle.request.prompt_ids], device=model.device)
+        with torch.inference_mode():
+            return model(input_ids=ids, past_key_values=seq.state, use_cache=True, logits_to_keep=1,
+                         **self.engine._adapter_names([seq])).logits[0, -1].float()  # fmt: skip
+
+    def join(self, seq: "_Sequence") -> None:
+        """Add a prefilled sequence to the running batch, left-padding the shorter cache."""
+        cache, seq.state = seq.state, None
+        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.engine.model.device)
+        if self._cache is None:
+            self._cache, self._mask, self.running, self._padded = cache, mask, [seq], False
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._padded = self._padded or self._mask.shape[1] != mask.shape[1]
+        for ours, theirs in zip(self._cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(ours, name), getattr(theirs, name)
+                setattr(ours, name, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)]))
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.running.append(seq)
+
+    def drop(self, seq: "_Sequence") -> None:  # prefilled, finished before joining
+        seq.state = None
+
+    def step(self) -> torch.Tensor:
+        """The next-token logits of every running sequence, (batch, vocab) fp32."""
+        running, model = self.running, self.engine.model
+        last = torch.tensor([[s.ids[-1]] for s in running], device=model.device)
+        positions = torch.tensor([[s.length] for s in running], device=model.device)
+        self._mask = torch.cat([self._mask, torch.ones(len(running), 1, dtype=torch.long, device=model.device)], dim=1)
+        # Without padding (one sequence, or all of one length) the mask says nothing: let the model skip it.
+        mask = self._mask if self._padded else None
+        with torch.inference_mode():
+            return model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=self._cache,
+                         use_cache=True, **self.engine._adapter_names(running)).logits[:, -1].float()  # fmt: skip
+
+    def shrink(self, keep: list[int]) -> None:
+        if not keep:
+            return self.clear()
+        self.running = [self.running[i] for i in keep]
+        index = torch.tensor(keep, device=self.engine.model.device)
+        mask = self._mask[index]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row go
+        self._mask = mask[:, start:]
+        self._padded = not bool(self._mask.all())
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+    def clear(self) -> None:
+        self.running, self._cache, self._mask = [], None, None
+
+
 class Engine:
     """Continuous batching over one model. Thread-safe: submit from any thread or event loop."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, default_adapter: str | None = None,
-                 single=None, single_when: str = "idle"):  # fmt: skip
-        """single: a llamacpp.LlamaCppDecoder of the default model; it takes the requests it can serve exactly
-        (the default adapter, no beams, no logprobs) when the engine is idle (single_when="idle"), or all of
-        them, one after another (single_when="always")."""
+    def __init__(self, model, tokenizer, max_batch: int = 8, default_adapter: str | None = None, llama_cpp=None):
+        """llama_cpp: a llamacpp.LlamaCppBatch of the default model; it takes the requests it can serve exactly (the
+        default adapter, no beams, no logprobs) while it has room, and transformers' batch the rest."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.single, self.single_when = single, single_when
-        self._single_handles: set[Handle] = set()  # routed to `single`, not yet finished
+        self.llama_cpp = llama_cpp
+        self._batches = [_TransformersBatch(self)] + ([llama_cpp] if llama_cpp is not None else [])
         self._alone_handles: set[Handle] = set()  # waiting for, or in, _generate_alone
-        self._route_lock = threading.Lock()
         # The adapter a request without one gets: a PeftModel's active one (setup(weights) unmerged, a model in training).
         self.default_adapter = model.active_adapter if default_adapter is None and hasattr(model, "peft_config") else default_adapter
         eos = model.generation_config.eos_token_id
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.lock = threading.Lock()  # held for each step; adapter loading and beam search take it too
-        self._waiting: queue.Queue[Handle] = queue.Queue()
-        self._running: list[_Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (batch, cache length): 1 where a sequence has a token
-        self._padded = False  # whether the mask has a 0 anywhere
+        self._waiting: deque[Handle] = deque()  # appended by submit, taken in order by the step loop
         self._wake = threading.Event()
         self._closed = False
-        # Long-lived threads for what decodes outside the batch (one at a time, as their locks allow anyway): on an
-        # H200, generate() in a fresh thread per request decoded at a third of its speed in a warm one.
+        # A long-lived thread for what decodes outside the batch: on an H200, generate() in a fresh thread per
+        # request decoded at a third of its speed in a warm one.
         self._alone_worker = ThreadPoolExecutor(1, thread_name_prefix="alpaca-cog-generate")
-        self._single_worker = ThreadPoolExecutor(1, thread_name_prefix="alpaca-cog-single")
         self._thread = threading.Thread(target=self._loop, name="alpaca-cog-engine", daemon=True)
         self._thread.start()
 
@@ -238,10 +303,8 @@ class Engine:
         if request.params.beams > 1 or self.one_at_a_time:
             self._alone_handles.add(handle)
             self._alone_worker.submit(self._generate_alone, handle)
-        elif self._route_to_single(handle):
-            self._single_worker.submit(self._decode_single, handle)
         else:
-            self._waiting.put(handle)
+            self._waiting.append(handle)
             self._wake.set()
         return handle
 
@@ -257,6 +320,10 @@ class Engine:
                 pass
         return [h.result for h in handles]
 
+    def load(self) -> dict:
+        """Requests decoding and waiting now (a health check's figures)."""
+        return {"running": len(self._running), "waiting": len(self._waiting)}
+
     @property
     def one_at_a_time(self) -> bool:
         """Compiled decoding (generate.use_compiled_decoding's static KV cache) takes requests one by one."""
@@ -265,27 +332,22 @@ class Engine:
     def __str__(self) -> str:  # what setup logs
         mode = "compiled decoding, one request at a time" if self.one_at_a_time else f"batched decoding, up to {self.max_batch} requests"
         text = f"model on {self.model.device}, {self.model.dtype}, {mode}"
-        if self.single is not None:
-            takes = "a request that finds the engine idle" if self.single_when == "idle" else "every request it can serve"
-            text += f"; {self.single} takes {takes}"
+        if self.llama_cpp is not None:
+            text += f"; {self.llama_cpp} decodes the requests for the default model"
         return text
 
     def close(self) -> None:
         """Cancel what is decoding or waiting and stop the step loop (the engine cannot be used afterwards)."""
         self._closed = True
-        for handle in [s.handle for s in self._running] + list(self._single_handles) + list(self._alone_handles):
+        for handle in [s.handle for s in self._running] + list(self._alone_handles):
             handle.cancel()
-        while True:
-            try:
-                self._waiting.get_nowait()._finish("cancelled")
-            except queue.Empty:
-                break
+        while self._waiting:
+            self._waiting.popleft()._finish("cancelled")
         self._wake.set()
         self._thread.join()
-        self._single_worker.shutdown()  # the queued ones end at once: they are cancelled
-        self._alone_worker.shutdown()
-        if self.single is not None:
-            self.single.close()
+        self._alone_worker.shutdown()  # the queued ones end at once: they are cancelled
+        if self.llama_cpp is not None:
+            self.llama_cpp.close()
 
     # ---- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, folder) -> None:
@@ -306,125 +368,73 @@ class Engine:
         return {s.handle.request.adapter for s in self._running} | {self.default_adapter}
 
     # ---- the step loop ----------------------------------------------------------------------------
+    @property
+    def _running(self) -> list[_Sequence]:
+        return [seq for batch in self._batches for seq in batch.running]
+
     def _loop(self) -> None:
-        while not (self._closed and not self._running and self._waiting.empty()):
+        while not (self._closed and not self._running and not self._waiting):
             if not self._running:
                 self._wake.wait()
             self._wake.clear()
             with self.lock:
-                try:
-                    self._admit()
-                    if self._running:
-                        self._step()
-                except Exception as e:  # a failed step fails the requests in it, never the engine
-                    for seq in self._running:
-                        seq.handle._finish("error", e)
-                    self._running, self._cache, self._mask = [], None, None
+                self._admit()
+                for batch in self._batches:
+                    if batch.running:
+                        try:
+                            self._step(batch)
+                        except Exception as e:  # a failed step fails the requests in it, never the engine
+                            for seq in batch.running:
+                                seq.handle._finish("error", e)
+                            batch.clear()
 
     def _adapter_names(self, sequences: list[_Sequence]) -> dict:
         if not hasattr(self.model, "peft_config"):
             return {}
         return {"adapter_names": [s.handle.request.adapter or self.default_adapter or BASE for s in sequences]}
 
+    def _batch_for(self, seq: _Sequence):
+        """llama.cpp for what it serves exactly while it has room, else transformers' batch; None: wait."""
+        request = seq.handle.request
+        if self.llama_cpp is not None and request.logprobs is None and request.adapter in (None, self.default_adapter):
+            if self.llama_cpp.can_take(seq):
+                return self.llama_cpp
+        return self._batches[0] if self._batches[0].can_take(seq) else None
+
     def _admit(self) -> None:
-        """Prefill waiting requests one by one and add them to the running batch."""
-        while len(self._running) < self.max_batch:
-            try:
-                handle = self._waiting.get_nowait()
-            except queue.Empty:
-                return
+        """Prefill waiting requests one by one, in order, and add them to a running batch."""
+        while self._waiting:
+            handle = self._waiting[0]
             if handle.cancelled.is_set():
-                handle._finish("cancelled")
+                self._waiting.popleft()._finish("cancelled")
                 continue
             seq = _Sequence(handle, self.tokenizer, self.eos_ids)
-            ids = torch.tensor([handle.request.prompt_ids], device=self.model.device)
-            cache = DynamicCache(config=self.model.config)
+            batch = self._batch_for(seq)
+            if batch is None:
+                return
+            self._waiting.popleft()
+            handle.result.backend = batch.name
             try:
-                with torch.inference_mode():
-                    logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                        **self._adapter_names([seq])).logits[0, -1].float()  # fmt: skip
-                if seq.advance(seq.next_token(logits)):
-                    continue
+                if seq.advance(seq.next_token(batch.prefill(seq))):
+                    batch.drop(seq)
+                else:
+                    batch.join(seq)
             except Exception as e:  # this request fails alone
+                batch.drop(seq)
                 handle._finish("error", e)
-                continue
-            self._join(seq, cache)
 
-    def _join(self, seq: _Sequence, cache: DynamicCache) -> None:
-        """Add a prefilled sequence to the running batch, left-padding the shorter cache."""
-        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.model.device)
-        if self._cache is None:
-            self._cache, self._mask, self._running, self._padded = cache, mask, [seq], False
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._padded = self._padded or self._mask.shape[1] != mask.shape[1]
-        for ours, theirs in zip(self._cache.layers, cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(ours, name), getattr(theirs, name)
-                setattr(ours, name, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)]))
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self._running.append(seq)
-
-    def _step(self) -> None:
-        """One token for every running sequence; finished and cancelled ones leave the batch."""
-        running = self._running
-        device = self.model.device
-        last = torch.tensor([[s.ids[-1]] for s in running], device=device)
-        positions = torch.tensor([[s.length] for s in running], device=device)
-        self._mask = torch.cat([self._mask, torch.ones(len(running), 1, dtype=torch.long, device=device)], dim=1)
-        # Without padding (one sequence, or all of one length) the mask says nothing: let the model skip it.
-        mask = self._mask if self._padded else None
-        with torch.inference_mode():
-            logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
-                                past_key_values=self._cache, use_cache=True, **self._adapter_names(running)).logits[:, -1].float()  # fmt: skip
+    def _step(self, batch) -> None:
+        """One token for every sequence of `batch`; finished and cancelled ones leave it."""
+        logits = batch.step()
         keep = []
-        for i, seq in enumerate(running):
+        for i, seq in enumerate(batch.running):
             seq.length += 1
             if seq.handle.cancelled.is_set():
                 seq._end("cancelled")
             elif not seq.advance(seq.next_token(logits[i])):
                 keep.append(i)
-        if len(keep) < len(running):
-            self._shrink(keep)
-
-    def _shrink(self, keep: list[int]) -> None:
-        if not keep:
-            self._running, self._cache, self._mask = [], None, None
-            return
-        self._running = [self._running[i] for i in keep]
-        index = torch.tensor(keep, device=self.model.device)
-        mask = self._mask[index]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row go
-        self._mask = mask[:, start:]
-        self._padded = not bool(self._mask.all())
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
-
-    def _route_to_single(self, handle: Handle) -> bool:
-        request = handle.request
-        if self.single is None or request.logprobs is not None or request.adapter not in (None, self.default_adapter):
-            return False
-        with self._route_lock:
-            # A request that has just finished may not have left yet: its thread removes it after the client hears.
-            busy = [s.handle for s in self._running] + list(self._single_handles)
-            idle = self._waiting.empty() and all(h.result.finish_reason for h in busy)
-            if self.single_when == "always" or idle:
-                self._single_handles.add(handle)
-                return True
-        return False
-
-    def _decode_single(self, handle: Handle) -> None:
-        handle.result.backend = self.single.name
-        try:
-            if handle.cancelled.is_set():
-                handle._finish("cancelled")
-            else:
-                self.single.decode(_Sequence(handle, self.tokenizer, self.eos_ids))
-        except Exception as e:
-            handle._finish("error", e)
-        finally:
-            with self._route_lock:
-                self._single_handles.discard(handle)
+        if len(keep) < len(batch.running):
+            batch.shrink(keep)
 
     def _generate_alone(self, handle: Handle) -> None:
         """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""
@@ -465,11 +475,10 @@ class Engine:
 def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None, adapter_dirs: Sequence = ()) -> Engine:
     """The engine as the servers (predict.py, serve.py) start it.
 
-    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds llama.cpp for requests that find the engine idle
+    ALPACA_COG_BACKEND picks who decodes: auto (the default) adds a llama.cpp batch for the default model's requests
     when the model runs on a CPU and llama-cpp-python is installed (a GGUF of base_dir plus adapter_dirs, merged:
-    the same model as `model`); llama.cpp sends it every request it can serve, one after another; transformers
-    never uses it. On a GPU the batch decodes everything (a generate() beside it for lone requests was no faster
-    in a warm thread on an H200, and cost a third of the aggregate at 8 clients: docs/performance.md).
+    the same model as `model`); llama.cpp adds it on any device and fails when it cannot; transformers never uses
+    it. On a GPU transformers' batch decodes everything (docs/performance.md).
     ALPACA_COG_COMPILE (opt-in) decodes compiled, one request at a time, with transformers.
     """
     backend = env_choice("ALPACA_COG_BACKEND", "auto", ["auto", "transformers", "llama.cpp"])
@@ -478,16 +487,16 @@ def serving_engine(model, tokenizer, max_batch: int, base_dir: str | None = None
     installed = llamacpp.available()
     if backend == "llama.cpp" and not installed:
         raise ValueError("ALPACA_COG_BACKEND=llama.cpp: llama-cpp-python is not installed")
-    single = None
+    llama_cpp = None
     if base_dir is not None and (backend == "llama.cpp" or (backend == "auto" and model.device.type == "cpu" and installed)):
         try:
             gguf = llamacpp.cached_gguf(base_dir, list(adapter_dirs), env_path("ALPACA_COG_GGUF_CACHE", llamacpp.DEFAULT_CACHE))
-            single = llamacpp.LlamaCppDecoder(gguf, context=model.config.max_position_embeddings)
+            llama_cpp = llamacpp.LlamaCppBatch(gguf, context=model.config.max_position_embeddings, max_batch=max_batch)
         except Exception as e:  # auto falls back to transformers and says why; asked for explicitly, it fails
             if backend == "llama.cpp":
                 raise ValueError(f"ALPACA_COG_BACKEND=llama.cpp: {type(e).__name__}: {e}") from None
             print(f"llama.cpp not used ({type(e).__name__}: {e}); decoding with transformers", flush=True)
-    return Engine(model, tokenizer, max_batch=max_batch, single=single, single_when="always" if backend == "llama.cpp" else "idle")
+    return Engine(model, tokenizer, max_batch=max_batch, llama_cpp=llama_cpp)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

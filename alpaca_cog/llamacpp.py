@@ -1,10 +1,11 @@
-"""llama.cpp as the engine's single-stream decoder on CPUs: a GGUF export of the default model (base plus the
-setup adapters, merged), made once and cached by content, decoded by llama-cpp-python.
+"""llama.cpp as a batch of the engine on CPUs: a GGUF export of the default model (base plus the setup adapters,
+merged), made once and cached by content, run through llama-cpp-python's bindings of llama.cpp's C API.
 
-On a CPU llama.cpp decodes one sequence several times faster than transformers (f16 matrices, fused kernels, no
-Python per op: docs/performance.md). The engine sends it what it can serve exactly (the default model, no beams, no
-logprobs) and batches everything else; see Engine.submit for the routing. Prompts arrive as token ids from our own
-tokenizer and answers are decoded by it too, so llama.cpp's tokenizer (and its pre-tokenizer) never matters.
+On a CPU llama.cpp computes a step several times faster than transformers (f16 matrices, fused kernels, no Python
+per op: docs/performance.md). The engine sends it what it can serve exactly (the default model, no beams, no
+logprobs) and everything else to transformers' batch; see Engine._batch_for. llama.cpp only computes logits:
+prompts arrive as token ids from our tokenizer, and the engine samples and decodes text, so llama.cpp's tokenizer
+and sampler never matter.
 """
 
 import hashlib
@@ -12,14 +13,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from .generate import MIN_SAMPLING_TEMPERATURE
+import numpy as np
+import torch
+
 
 FORMAT = "f16"  # greedy answers equal fp32 transformers' on the test prompts; q8_0 is faster, and drifts sooner
 DEFAULT_CACHE = str(Path.home() / ".cache" / "alpaca-cog" / "gguf")
-_VERSION = "1"  # of the export: bump when export_gguf changes what it writes
+_VERSION = "2"  # of the export: bump when export_gguf changes what it writes
 
 
 def available() -> bool:
@@ -67,68 +69,110 @@ def _export_in_child(base_dir, path: Path, adapters: str | None) -> None:
         raise RuntimeError(f"the GGUF export of {base_dir} failed (its error is above)")
 
 
-def _llama_class():
-    import llama_cpp
-    from llama_cpp._internals import LlamaSampler
-
-    class Llama(llama_cpp.Llama):
-        """Samples as transformers (and engine.sample) do: temperature, then top-k, then top-p, then the draw.
-        llama-cpp-python's own chain applies the temperature last, adds min_p 0.05 and a repetition-penalty
-        pass; its other arguments (grammar, mirostat, penalties) are not used here."""
-
-        def _init_sampler(self, top_k: int, top_p: float, temp: float, **unused) -> LlamaSampler:
-            sampler = LlamaSampler()
-            if temp == 0.0:
-                sampler.add_greedy()
-                return sampler
-            sampler.add_temp(temp)
-            sampler.add_top_k(top_k)  # 0: off, as in transformers
-            sampler.add_top_p(top_p, 1)
-            sampler.add_dist(self._seed)
-            return sampler
-
-    return Llama
-
-
-_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a seed
-
-
-class LlamaCppDecoder:
-    """One sequence at a time through llama-cpp-python; `decode` runs in the caller's thread."""
+class LlamaCppBatch:
+    """A running batch on llama.cpp: each sequence decodes under its own sequence id in one llama.cpp context, all
+    of them in one llama_decode per step (llama.cpp batches them itself); the engine samples from the logits, as
+    it does for transformers' batch. The interface is engine._TransformersBatch's."""
 
     name = "llama.cpp"
 
-    def __init__(self, gguf_path: Path, context: int, threads: int | None = None):
-        threads = threads or len(os.sched_getaffinity(0))
-        self.path = Path(gguf_path)
-        self.llm = _llama_class()(model_path=str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
-        self.lock = threading.Lock()  # one sequence at a time; held for the whole answer
+    def __init__(self, gguf_path: Path, context: int, max_batch: int, threads: int | None = None):
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
 
-    def decode(self, sequence) -> None:
-        """Feed llama.cpp's tokens to `sequence` (an engine._Sequence: it emits text and ends the answer) until
-        it ends or is cancelled."""
-        params, handle = sequence.params, sequence.handle
-        greedy = params.temperature < MIN_SAMPLING_TEMPERATURE
-        with self.lock:
-            self.llm.set_seed(params.seed if params.seed is not None else _RANDOM_SEED)
-            # The whole prompt prefilled every time: reusing the cached prefix of the previous prompt computes the rest
-            # in other kernels, which moves logits by rounding and made a seeded answer differ from itself.
-            self.llm.reset()
-            tokens = self.llm.generate(handle.request.prompt_ids, top_k=params.top_k, top_p=params.top_p,
-                                       temp=0.0 if greedy else params.temperature)  # fmt: skip
-            try:
-                for token in tokens:
-                    if handle.cancelled.is_set():
-                        sequence._end("cancelled")
-                        return
-                    if sequence.advance(token):
-                        return
-            finally:
-                tokens.close()
+        set_verbose(False)  # llama.cpp logs every tensor it loads
+        self.path, self.threads = Path(gguf_path), threads or len(os.sched_getaffinity(0))
+        self.cells = context  # KV cache cells, shared by all sequences; can_take keeps a request's whole length there
+        self.running, self._reserved, self._free_ids = [], 0, list(range(max_batch))
+        llama_cpp.llama_backend_init()
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {gguf_path}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = self.cells, _CHUNK, _CHUNK
+        params.n_seq_max, params.kv_unified = max_batch, True
+        params.n_threads = params.n_threads_batch = self.threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ValueError(f"llama.cpp could not make a context of {self.cells} tokens for {gguf_path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(_CHUNK, 0, 1)
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+
+    def _need(self, seq) -> int:
+        return len(seq.handle.request.prompt_ids) + seq.params.max_tokens
+
+    def can_take(self, seq) -> bool:
+        return bool(self._free_ids) and self._reserved + self._need(seq) <= self.cells
+
+    def prefill(self, seq) -> torch.Tensor:
+        seq.state = self._free_ids.pop()
+        self._reserved += self._need(seq)
+        prompt = seq.handle.request.prompt_ids
+        for start in range(0, len(prompt), _CHUNK):
+            chunk = prompt[start : start + _CHUNK]
+            self._decode([(token, start + i, seq.state) for i, token in enumerate(chunk)], last_only=True)
+        return self._logits(1)[0]
+
+    def join(self, seq) -> None:
+        self.running.append(seq)
+
+    def drop(self, seq) -> None:
+        """Forget a sequence: its cache cells, id and reservation."""
+        import llama_cpp
+
+        if seq.state is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.state, -1, -1)
+            self._free_ids.append(seq.state)
+            self._reserved -= self._need(seq)
+            seq.state = None
+
+    def step(self) -> torch.Tensor:
+        self._decode([(s.ids[-1], s.length, s.state) for s in self.running], last_only=False)
+        return self._logits(len(self.running))
+
+    def shrink(self, keep: list[int]) -> None:
+        kept = set(keep)
+        for i, seq in enumerate(self.running):
+            if i not in kept:
+                self.drop(seq)
+        self.running = [self.running[i] for i in keep]
+
+    def clear(self) -> None:
+        self.shrink([])
+
+    def _decode(self, tokens: list[tuple[int, int, int]], last_only: bool) -> None:
+        """tokens: (token, position, sequence id) each; logits for every token, or only for the last one."""
+        import llama_cpp
+
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (token, position, seq_id) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = not last_only or i == len(tokens) - 1
+        if (code := llama_cpp.llama_decode(self._ctx, batch)) != 0:
+            raise RuntimeError(f"llama.cpp: llama_decode returned {code}")
+
+    def _logits(self, rows: int) -> torch.Tensor:
+        """The last decode's logits, (rows, vocab) fp32, in llama.cpp's buffer: used before the next decode."""
+        import llama_cpp
+
+        return torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(rows, self._vocab)))
 
     def close(self) -> None:
-        """Free the model now: left to interpreter exit, llama-cpp-python's finalizer fails on half-torn-down modules."""
-        self.llm.close()
+        """Free the model now: left to interpreter exit, llama.cpp's memory would outlive what frees it."""
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
 
     def __str__(self) -> str:
-        return f"llama.cpp on {self.path.name} ({self.llm.n_threads} threads)"
+        return f"llama.cpp on {self.path.name} ({self.threads} threads)"
+
+
+_CHUNK = 512  # tokens per llama_decode call while prefilling (llama.cpp's n_batch)

@@ -363,7 +363,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": len(engine._running), "waiting": engine._waiting.qsize()}
+        return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:

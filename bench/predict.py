@@ -2,8 +2,8 @@
 
 Baseline: an unmerged PeftModel and model.generate with generate.py's settings. Ours: the Predictor's setup
 (adapter merged) and its streaming generation as it runs by default on this machine (ALPACA_COG_BACKEND=auto:
-llama.cpp for a lone request on a CPU), and with each backend forced: transformers (eager, and compiled with
-ALPACA_COG_COMPILE=1, opt-in). llama_cpp: llama-cpp-python itself on the f16 GGUF export of the same merged model.
+llama.cpp's batch on a CPU), and with transformers forced (eager, and compiled with ALPACA_COG_COMPILE=1, opt-in).
+llama_cpp: llama-cpp-python's own generate() (its Llama class) on the f16 GGUF export of the same merged model.
 All use the same base model and the same random LoRA adapter (r=8 on q_proj,v_proj). Prints one JSON object and
 keeps it in bench/results/predict-<date>.json.
 

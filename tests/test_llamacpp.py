@@ -1,14 +1,12 @@
-"""llama.cpp as the engine's single-stream decoder on CPUs: the same greedy answers as fp32 transformers (up to f16
-near-ties), with an adapter merged in, and routed only what it can serve exactly."""
-
-import threading
+"""llama.cpp as the engine's batch on CPUs: the same greedy answers as fp32 transformers (up to f16 near-ties), with
+an adapter merged in, batched answers equal to lone ones, and only what it can serve exactly routed to it."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from alpaca_cog import llamacpp
-from alpaca_cog.engine import Request, serving_engine
+from alpaca_cog.engine import Engine, Request, serving_engine
 from alpaca_cog.generate import GenerationParams
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
@@ -50,7 +48,7 @@ def assert_agrees_with_fp32(model, tokenizer, ids: list[int], text: str) -> None
 
 
 def test_a_lone_greedy_request_is_decoded_by_llama_cpp_as_fp32_transformers_decodes_it(engine, base_model, tokenizer):
-    assert engine.single is not None and "llama.cpp" in str(engine)
+    assert engine.llama_cpp is not None and "llama.cpp" in str(engine)
     for prompt in PROMPTS:
         ids = encode_prompt(tokenizer, "alpaca", prompt)
         result = engine.complete([Request(ids, GREEDY)])[0]
@@ -75,21 +73,61 @@ def test_a_merged_adapter_is_in_the_llama_cpp_model(weights_dir, tokenizer, engi
         tuned.close()
 
 
-def test_only_requests_it_serves_exactly_and_only_when_idle_go_to_llama_cpp(engine, tokenizer):
+def test_only_requests_it_serves_exactly_go_to_llama_cpp(engine, tokenizer):
     ids = encode_prompt(tokenizer, "alpaca", PROMPTS[1])
     story = encode_prompt(tokenizer, "alpaca", "Write a long story about a llama who travels the world.")
     long = engine.submit(Request(story, GenerationParams(temperature=0, max_tokens=400)))
     pieces = iter(long)
-    next(pieces)  # llama.cpp is decoding the first request; the next ones find it busy
+    next(pieces)  # llama.cpp is decoding the first request; the next one joins its batch, logprobs go to transformers
     busy, with_logprobs = engine.submit(Request(ids, GREEDY)), engine.submit(Request(ids, GREEDY, logprobs=2))
+    assert [list(h) and h.result.backend for h in (busy, with_logprobs)] == ["llama.cpp", "transformers"]
     long.cancel()
     list(pieces)
     assert long.result.backend == "llama.cpp" and long.result.finish_reason == "cancelled"
-    assert [list(h) and h.result.backend for h in (busy, with_logprobs)] == ["transformers", "transformers"]
     assert with_logprobs.result.tokens
     beams = engine.complete([Request(ids, GenerationParams(temperature=0, max_tokens=8, beams=2))])[0]
     assert beams.backend == "transformers" and beams.output_tokens == 8
-    assert engine.complete([Request(ids, GREEDY)])[0].backend == "llama.cpp"  # idle again after the cancel
+
+
+def test_requests_decoded_together_answer_as_alone_and_a_cancel_leaves_the_others(engine, tokenizer):
+    requests = [Request(encode_prompt(tokenizer, "alpaca", p), GenerationParams(temperature=0, max_tokens=24))
+                for p in PROMPTS + ["Write a haiku about rain.", "List three fruits."]]  # fmt: skip
+    alone = [engine.complete([r])[0].text for r in requests]
+    handles = [engine.submit(r) for r in requests]
+    cancelled = iter(handles[2])
+    next(cancelled)  # decoding in the batch by now
+    handles[2].cancel()
+    assert list(cancelled) == [] and handles[2].result.finish_reason == "cancelled"
+    others = [(list(h), h.result)[1] for i, h in enumerate(handles) if i != 2]
+    assert [r.backend for r in others] == ["llama.cpp"] * len(others) and handles[2].result.backend == "llama.cpp"
+    assert [r.text for r in others] == [t for i, t in enumerate(alone) if i != 2]
+
+
+def test_llama_cpp_takes_what_its_cache_holds_and_transformers_the_rest(base_model, tokenizer, engine):
+    """Two sequence ids and 256 cache cells: a third request, or one whose prompt and max_tokens do not fit beside
+    the others, is decoded by transformers' batch meanwhile (and answers the same)."""
+    small = Engine(base_model, tokenizer, max_batch=8, llama_cpp=llamacpp.LlamaCppBatch(engine.llama_cpp.path, context=256, max_batch=2))
+    try:
+        ids = encode_prompt(tokenizer, "alpaca", PROMPTS[0])
+        short = GenerationParams(temperature=0, max_tokens=16)
+        results = small.complete([Request(ids, short), Request(ids, short), Request(ids, short)])
+        assert [r.backend for r in results] == ["llama.cpp", "llama.cpp", "transformers"]
+        assert len({r.text for r in results}) == 1
+        long = GenerationParams(temperature=0, max_tokens=200)  # ~40 prompt tokens + 200 > 256 - 56 left
+        results = small.complete([Request(ids, short), Request(ids, long)])
+        assert [r.backend for r in results] == ["llama.cpp", "transformers"]
+        assert small.complete([Request(ids, long)])[0].backend == "llama.cpp"  # alone it fits
+    finally:
+        small.close()
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_is_prefilled_in_chunks(engine, base_model, tokenizer):
+    text = " ".join(f"Fact {i}: alpacas are kept for their soft fleece." for i in range(60))
+    ids = encode_prompt(tokenizer, "alpaca", "Summarize these facts.", text)
+    assert len(ids) > llamacpp._CHUNK
+    result = engine.complete([Request(ids, GREEDY)])[0]
+    assert result.backend == "llama.cpp"
+    assert_agrees_with_fp32(base_model, tokenizer, ids, result.text)
 
 
 def test_sampling_on_llama_cpp_follows_the_seed(engine, tokenizer):
@@ -98,23 +136,6 @@ def test_sampling_on_llama_cpp_follows_the_seed(engine, tokenizer):
     first, again, other = (engine.complete([Request(ids, p)])[0] for p in hot)
     assert {first.backend, again.backend, other.backend} == {"llama.cpp"}
     assert first.text == again.text and first.text != other.text
-
-
-def test_backend_llama_cpp_takes_concurrent_requests_one_after_another(base_model, tokenizer, weights_dir, monkeypatch):
-    monkeypatch.setenv("ALPACA_COG_BACKEND", "llama.cpp")
-    engine = serving_engine(base_model, tokenizer, 8, weights_dir)
-    try:
-        requests = [Request(encode_prompt(tokenizer, "alpaca", p), GenerationParams(temperature=0, max_tokens=8)) for p in PROMPTS]
-        results: list = [None] * len(requests)
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.complete([requests[i]])[0])) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [r.backend for r in results] == ["llama.cpp"] * 3
-        assert [r.text for r in results] == [engine.complete([r])[0].text for r in requests]
-    finally:
-        engine.close()
 
 
 def test_the_export_is_cached_by_content(weights_dir, tmp_path, monkeypatch):
@@ -140,5 +161,5 @@ def test_backend_setting_errors_name_the_variable(base_model, tokenizer, weights
         serving_engine(base_model, tokenizer, 8, weights_dir)
     monkeypatch.setenv("ALPACA_COG_BACKEND", "transformers")
     engine = serving_engine(base_model, tokenizer, 8, weights_dir)
-    assert engine.single is None and "llama.cpp" not in str(engine)
+    assert engine.llama_cpp is None and "llama.cpp" not in str(engine)
     engine.close()
