@@ -11,8 +11,9 @@ TEMPLATE ?= $(if $(WEIGHTS),,$(if $(HAS_CHAT_TEMPLATE),chat,alpaca))
 PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # llama-cpp-python builds from source: for any x86-64 CPU with AVX2 (both kinds CI runs on), not -march=native,
-# whose AVX-512 build would crash another machine that reuses pip's wheel cache. cog.yaml sets the same.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# whose AVX-512 build would crash another machine that reuses pip's wheel cache; and with llama.cpp's own thread
+# pool, not OpenMP, whose runtime torch shares (docs/performance.md). cog.yaml sets the same.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF
 
 .PHONY: help predict test weights serve serve-train serve-openai schema train clean
 

@@ -81,6 +81,9 @@ class LlamaCppBatch:
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)  # llama.cpp logs every tensor it loads
+        if "OPENMP = 1" in llama_cpp.llama_print_system_info().decode():
+            print("llama.cpp: this llama-cpp-python uses OpenMP, whose runtime torch shares (decoding slowed by a third "
+                  "after torch work in another thread); rebuild it with the Makefile's CMAKE_ARGS", flush=True)  # fmt: skip
         self.path, self.threads = Path(gguf_path), threads or len(os.sched_getaffinity(0))
         self.cells = context  # KV cache cells, shared by all sequences; can_take keeps a request's whole length there
         self.running, self._reserved, self._free_ids = [], 0, list(range(max_batch))
