@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 FORMAT = "f16"  # greedy answers equal fp32 transformers' on the test prompts; q8_0 is faster, and drifts sooner
 DEFAULT_CACHE = str(Path.home() / ".cache" / "alpaca-cog" / "gguf")
 _VERSION = "2"  # of the export: bump when export_gguf changes what it writes
+_CHUNK = 512  # tokens per llama_decode call while prefilling (llama.cpp's n_batch)
 
 
 def available() -> bool:
@@ -80,6 +80,7 @@ class LlamaCppBatch:
         import llama_cpp
         from llama_cpp._logger import set_verbose
 
+        self._lib = llama_cpp  # its C API, imported here: llama-cpp-python is optional where this class is not used
         set_verbose(False)  # llama.cpp logs every tensor it loads
         if "OPENMP = 1" in llama_cpp.llama_print_system_info().decode():
             print("llama.cpp: this llama-cpp-python uses OpenMP, whose runtime torch shares (decoding slowed by a third "
@@ -123,10 +124,8 @@ class LlamaCppBatch:
 
     def drop(self, seq) -> None:
         """Forget a sequence: its cache cells, id and reservation."""
-        import llama_cpp
-
         if seq.state is not None:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.state, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, seq.state, -1, -1)
             self._free_ids.append(seq.state)
             self._reserved -= self._need(seq)
             seq.state = None
@@ -147,35 +146,27 @@ class LlamaCppBatch:
 
     def _decode(self, tokens: list[tuple[int, int, int]], last_only: bool) -> None:
         """tokens: (token, position, sequence id) each; logits for every token, or only for the last one."""
-        import llama_cpp
-
         batch = self._batch
         batch.n_tokens = len(tokens)
         for i, (token, position, seq_id) in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = not last_only or i == len(tokens) - 1
-        if (code := llama_cpp.llama_decode(self._ctx, batch)) != 0:
+        if (code := self._lib.llama_decode(self._ctx, batch)) != 0:
             raise RuntimeError(f"llama.cpp: llama_decode returned {code}")
 
     def _logits(self, rows: int) -> torch.Tensor:
         """The last decode's logits, (rows, vocab) fp32, in llama.cpp's buffer: used before the next decode."""
-        import llama_cpp
-
-        return torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(rows, self._vocab)))
+        return torch.from_numpy(np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(rows, self._vocab)))
 
     def close(self) -> None:
         """Free the model now: left to interpreter exit, llama.cpp's memory would outlive what frees it."""
-        import llama_cpp
-
         if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            llama_cpp.llama_model_free(self._model)
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._lib.llama_model_free(self._model)
             self._ctx = None
 
     def __str__(self) -> str:
         return f"llama.cpp on {self.path.name} ({self.threads} threads)"
 
-
-_CHUNK = 512  # tokens per llama_decode call while prefilling (llama.cpp's n_batch)
