@@ -111,11 +111,13 @@ def test_a_ninth_concurrent_prediction_gets_409_and_a_cancelled_one_leaves_the_o
         finals[i] = stream(server, short if i == 0 else long, chunks[i], prediction_id=f"p-{i}")
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(MAX)]
-    for t in threads:
-        t.start()
-    while sum(bool(chunks[i]) for i in range(1, MAX)) < MAX - 1:  # all eight are decoding
-        assert all(t.is_alive() for t in threads[1:]), finals
-        time.sleep(0.05)
+    # The short one starts last, once the long ones stream, so that all eight are decoding when the ninth comes
+    # (started first, it ended before the ninth on a fresh clone's run).
+    for i in [*range(1, MAX), 0]:
+        threads[i].start()
+        while i != 0 and not chunks[i] or i == 0 and sum(bool(c) for c in chunks.values()) < MAX:
+            assert all(t.is_alive() for t in threads[1:] if t.ident), finals
+            time.sleep(0.01)
     busy = requests.post(f"{server}/predictions", json={"input": {"prompt": "Say hi.", "max_tokens": 4}}, timeout=30)
     assert busy.status_code == 409, busy.text
     assert requests.post(f"{server}/predictions/p-1/cancel", timeout=30).status_code == 200
