@@ -205,7 +205,7 @@ class _TransformersBatch:
         self._mask: torch.Tensor | None = None  # (batch, cache length): 1 where a sequence has a token
         self._padded = False  # whether the mask has a 0 anywhere
 
-    def can_take(self, seq: "_Sequence") -> bool:
+    def can_take(self, request: Request) -> bool:
         return len(self.running) < self.engine.max_batch
 
     def prefill(self, seq: "_Sequence") -> torch.Tensor:
@@ -271,8 +271,8 @@ class Engine:
         """llama_cpp: a llamacpp.LlamaCppBatch of the default model; it takes the requests it can serve exactly (the
         default adapter, no beams, no logprobs) while it has room, and transformers' batch the rest."""
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.llama_cpp = llama_cpp
-        self._batches = [_TransformersBatch(self)] + ([llama_cpp] if llama_cpp is not None else [])
+        self.llama_cpp, self._transformers = llama_cpp, _TransformersBatch(self)
+        self._batches = [self._transformers] + ([llama_cpp] if llama_cpp is not None else [])
         self._alone_handles: set[Handle] = set()  # waiting for, or in, _generate_alone
         # The adapter a request without one gets: a PeftModel's active one (setup(weights) unmerged, a model in training).
         self.default_adapter = model.active_adapter if default_adapter is None and hasattr(model, "peft_config") else default_adapter
@@ -393,13 +393,12 @@ class Engine:
             return {}
         return {"adapter_names": [s.handle.request.adapter or self.default_adapter or BASE for s in sequences]}
 
-    def _batch_for(self, seq: _Sequence):
+    def _batch_for(self, request: Request):
         """llama.cpp for what it serves exactly while it has room, else transformers' batch; None: wait."""
-        request = seq.handle.request
         if self.llama_cpp is not None and request.logprobs is None and request.adapter in (None, self.default_adapter):
-            if self.llama_cpp.can_take(seq):
+            if self.llama_cpp.can_take(request):
                 return self.llama_cpp
-        return self._batches[0] if self._batches[0].can_take(seq) else None
+        return self._transformers if self._transformers.can_take(request) else None
 
     def _admit(self) -> None:
         """Prefill waiting requests one by one, in order, and add them to a running batch."""
@@ -408,12 +407,12 @@ class Engine:
             if handle.cancelled.is_set():
                 self._waiting.popleft()._finish("cancelled")
                 continue
-            seq = _Sequence(handle, self.tokenizer, self.eos_ids)
-            batch = self._batch_for(seq)
+            batch = self._batch_for(handle.request)
             if batch is None:
                 return
             self._waiting.popleft()
             handle.result.backend = batch.name
+            seq = _Sequence(handle, self.tokenizer, self.eos_ids)
             try:
                 if seq.advance(seq.next_token(batch.prefill(seq))):
                     batch.drop(seq)

@@ -104,15 +104,16 @@ class LlamaCppBatch:
         self._batch = llama_cpp.llama_batch_init(_CHUNK, 0, 1)
         self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
 
-    def _need(self, seq) -> int:
-        return len(seq.handle.request.prompt_ids) + seq.params.max_tokens
+    @staticmethod
+    def _need(request) -> int:
+        return len(request.prompt_ids) + request.params.max_tokens
 
-    def can_take(self, seq) -> bool:
-        return bool(self._free_ids) and self._reserved + self._need(seq) <= self.cells
+    def can_take(self, request) -> bool:
+        return bool(self._free_ids) and self._reserved + self._need(request) <= self.cells
 
     def prefill(self, seq) -> torch.Tensor:
         seq.state = self._free_ids.pop()
-        self._reserved += self._need(seq)
+        self._reserved += self._need(seq.handle.request)
         prompt = seq.handle.request.prompt_ids
         for start in range(0, len(prompt), _CHUNK):
             chunk = prompt[start : start + _CHUNK]
@@ -127,7 +128,7 @@ class LlamaCppBatch:
         if seq.state is not None:
             self._lib.llama_memory_seq_rm(self._memory, seq.state, -1, -1)
             self._free_ids.append(seq.state)
-            self._reserved -= self._need(seq)
+            self._reserved -= self._need(seq.handle.request)
             seq.state = None
 
     def step(self) -> torch.Tensor:
