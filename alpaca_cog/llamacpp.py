@@ -58,9 +58,9 @@ def cached_gguf(base_dir: str | Path, adapter_dirs: list[Path], cache_dir: str |
 
 
 def _export_in_child(base_dir, path: Path, adapters: str | None) -> None:
-    """export_gguf in a child process. In this one, the export's torch work left llama.cpp decoding at 45 tokens/s
-    against 78 after an export elsewhere (AVX512-BF16 EPYC, 2 cores: ggml and torch share one libgomp runtime, whose
-    thread teams then contend), and the child's memory (a second fp32 copy of the model) is returned at its exit."""
+    """export_gguf in a child process: its memory (a second fp32 copy of the model) is returned at its exit, and with
+    a llama.cpp built with OpenMP, the export's torch work in this process left llama.cpp decoding at 45 tokens/s
+    against 78 after an export elsewhere (AVX512-BF16 EPYC, 2 cores: ggml and torch then share one libgomp runtime)."""
     root = str(Path(__file__).resolve().parent.parent)
     code = "import sys, json; from alpaca_cog.convert import export_gguf; export_gguf(**json.loads(sys.argv[1]))"
     arguments = json.dumps(dict(model_dir=str(base_dir), output_path=str(path), adapter=adapters, outtype=FORMAT, force=True))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaTokenizer
 
+from .archive import carries_tokenizer
 from .outputs import atomic_dir
 
 SPACE = "\u2581"  # SentencePiece's space
@@ -47,7 +48,7 @@ def extend_tokenizer(model_dir: str | Path, source: str | Path, output_dir: str 
     model_dir, source = Path(model_dir), Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file (a SentencePiece .model or a text file of tokens)")
-    if not (model_dir / "tokenizer_config.json").is_file():
+    if not carries_tokenizer(model_dir):
         raise FileNotFoundError(f"{model_dir}: no tokenizer here (tokenizer_config.json missing)")
     tokens = new_tokens(source)
     if not tokens:
