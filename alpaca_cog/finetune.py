@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -20,23 +21,35 @@ from .archive import TOKENIZER_FILES, adapter_dir, tokenizer_dir
 from .data import IGNORE_INDEX, is_plain_text, load_examples, load_texts, pack, text_blocks, tokenize
 from .distributed import (Processes, gradient_sync, load_optimizer_state, optimizer_state, processes, trainable_state,
                           whole, wrap)  # fmt: skip
+from .lean import causal_attention, use_lean_layers
 from .model import Precision, Quantization, fit_vocabulary, load_model, load_tokenizer, training_dtype
 from .outputs import atomic_dir, atomic_file
 from .prompts import build_prompt
 
 STATE_FILE = "trainer_state.pt"
 
+# oneDNN keeps each bf16 matmul it builds, per shape, in two caches of 1024 (its primitives, ideep's LRU); packed
+# micro-batches change shape at every step, so a CPU run grew ~20 MB a step (SmolLM2). One micro-batch's shapes fit
+# in 32 and are all it reuses. Both are read at the process's first bf16 matmul; a value set by the user wins.
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, "32")
 
-CE_CHUNK = 256  # positions per cross-entropy chunk: 50 MB of fp32 logits with a 49K vocabulary
+
+CE_CHUNK = 128  # positions per cross-entropy chunk: 25 MB of fp32 logits with a 49K vocabulary (256 was no faster on a CPU)
 MAX_GRAD_NORM = 1.0  # transformers Trainer's default, so Alpaca-LoRA's recipe clips at 1.0 too
 PACKED_ATTENTION = "packed_sdpa"
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def packed_attention(module, query, key, value, attention_mask, sequence_bounds: list[int] | None = None, **kwargs):
-    """transformers' SDPA attention run on each packed example alone: causal, never across examples, no padding."""
+    """transformers' SDPA attention run on each packed example alone: causal, never across examples, no padding.
+    On a CPU (no attention dropout) lean.causal_attention computes it."""
     if sequence_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.device.type == "cpu" and not kwargs.get("dropout"):
+        pieces = [causal_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], kwargs["scaling"])
+                  for s, e in zip(sequence_bounds, sequence_bounds[1:])]  # fmt: skip
+        return torch.cat(pieces, dim=2).transpose(1, 2), None
     pieces = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
               for s, e in zip(sequence_bounds, sequence_bounds[1:])]  # fmt: skip
     return torch.cat(pieces, dim=1), None
@@ -61,11 +74,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         for i in range(0, len(labels), CE_CHUNK):
             h, y = hidden[i : i + CE_CHUNK], labels[i : i + CE_CHUNK, None]
-            logits = F.linear(h, weight).float()
-            log_norm = logits.logsumexp(-1, keepdim=True)
-            total += (log_norm - logits.gather(1, y)).sum()
+            log_probs = torch.log_softmax(F.linear(h, weight), -1, dtype=torch.float32)
+            total -= log_probs.gather(1, y).sum()
             if need_hidden or need_weight:
-                grad = logits.sub_(log_norm).exp_()  # softmax, in place
+                grad = log_probs.exp_()  # softmax, in place
                 grad.scatter_add_(1, y, grad.new_full(y.shape, -1.0))
                 grad = grad.to(h.dtype)
                 if need_hidden:
@@ -399,8 +411,11 @@ def _lora_model(base_weights, procs: Processes, shard: bool, quantization: Quant
             "trains it for both, and it stays tied")  # fmt: skip
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(**lora, bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tied and bool(named))
+    if procs.device == "cpu" and quantization == "none":  # on GPUs, autocast's bf16 backward is PEFT's own, left so
+        use_lean_layers(model, config)
     try:
-        model = get_peft_model(model, LoraConfig(**lora, bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tied and bool(named)))
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise ValueError(f"lora_target_modules: {e}") from None
     if hasattr(model.get_base_model().get_output_embeddings(), "lora_A"):
