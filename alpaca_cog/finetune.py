@@ -47,7 +47,7 @@ def packed_attention(module, query, key, value, attention_mask, sequence_bounds:
     if sequence_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.device.type == "cpu" and not kwargs.get("dropout"):
-        pieces = [causal_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], kwargs["scaling"])
+        pieces = [causal_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], kwargs.get("scaling"))
                   for s, e in zip(sequence_bounds, sequence_bounds[1:])]  # fmt: skip
         return torch.cat(pieces, dim=2).transpose(1, 2), None
     pieces = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
