@@ -412,7 +412,7 @@ def _lora_model(base_weights, procs: Processes, shard: bool, quantization: Quant
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(**lora, bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tied and bool(named))
-    if procs.device == "cpu" and quantization == "none":  # on GPUs, autocast's bf16 backward is PEFT's own, left so
+    if procs.device == "cpu" and quantization == "none":  # measured on CPUs only; GPUs (bf16 autocast) keep the stock modules
         use_lean_layers(model, config)
     try:
         model = get_peft_model(model, config)
