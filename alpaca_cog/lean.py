@@ -59,11 +59,10 @@ class _LoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, scaling: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-        dropped = _dropout(x.to(a.dtype), keep, p)
-        down = dropped @ a.T
+        down = F.linear(_dropout(x.to(a.dtype), keep, p), a)  # as PEFT's lora_A and lora_B compute it
         ctx.save_for_backward(x, a, b, down, keep)
         ctx.scaling, ctx.p = scaling, p
-        return down @ b.T * scaling
+        return F.linear(down, b) * scaling
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

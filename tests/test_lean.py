@@ -43,7 +43,8 @@ def test_lean_layers_give_stock_loss_and_gradients(dtype):
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (stock_loss, stock_grads), (lean_loss, lean_grads) = results
     assert stock_grads.keys() == lean_grads.keys() and len(stock_grads) == 2 * 3 * 2 + 2 * 2 + 1  # LoRA A, B; norms
-    torch.testing.assert_close(lean_loss, stock_loss, rtol=1e-6, atol=0)
+    # Equal here (AVX512-BF16 EPYC); other CPUs' kernels may round the LoRA products differently.
+    torch.testing.assert_close(lean_loss, stock_loss, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=0)
     tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     for name, grad in stock_grads.items():
         assert grad.abs().sum() > 0, name
