@@ -115,7 +115,7 @@ def test_a_ninth_concurrent_prediction_gets_409_and_a_cancelled_one_leaves_the_o
     # (started first, it ended before the ninth on a fresh clone's run).
     for i in [*range(1, MAX), 0]:
         threads[i].start()
-        while i != 0 and not chunks[i] or i == 0 and sum(bool(c) for c in chunks.values()) < MAX:
+        while not chunks[i]:  # it streams (the long ones keep streaming while the next start)
             assert all(t.is_alive() for t in threads[1:] if t.ident), finals
             time.sleep(0.01)
     busy = requests.post(f"{server}/predictions", json={"input": {"prompt": "Say hi.", "max_tokens": 4}}, timeout=30)
