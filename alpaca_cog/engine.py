@@ -146,6 +146,7 @@ class _Sequence:
         self.ids: list[int] = []
         self.length = len(request.prompt_ids)  # tokens in the cache once this sequence's last token is fed
         self.sent = 0  # characters of the decoded text already emitted
+        self.finish_reason: str | None = None  # set when it ends; the engine finishes the handle once it is out
         self.state = None  # its batch's: the prefilled KV cache until it joins (transformers), its sequence id (llama.cpp)
         self.sample = self.params.temperature >= MIN_SAMPLING_TEMPERATURE
         self.generator = None
@@ -188,7 +189,7 @@ class _Sequence:
         return False
 
     def _end(self, reason: str) -> bool:
-        self.handle._finish(reason)
+        self.finish_reason = reason
         return True
 
 
@@ -384,9 +385,10 @@ class Engine:
                         try:
                             self._step(batch)
                         except Exception as e:  # a failed step fails the requests in it, never the engine
-                            for seq in batch.running:
-                                seq.handle._finish("error", e)
+                            failed = batch.running
                             batch.clear()
+                            for seq in failed:
+                                seq.handle._finish("error", e)
 
     def _adapter_names(self, sequences: list[_Sequence]) -> dict:
         if not hasattr(self.model, "peft_config"):
@@ -416,6 +418,7 @@ class Engine:
             try:
                 if seq.advance(seq.next_token(batch.prefill(seq))):
                     batch.drop(seq)
+                    handle._finish(seq.finish_reason)
                 else:
                     batch.join(seq)
             except Exception as e:  # this request fails alone
@@ -423,17 +426,22 @@ class Engine:
                 handle._finish("error", e)
 
     def _step(self, batch) -> None:
-        """One token for every sequence of `batch`; finished and cancelled ones leave it."""
+        """One token for every sequence of `batch`; finished and cancelled ones leave it. Their handles finish
+        after that, so that a client answered can send its next request to the room it left (llama.cpp's cells)."""
         logits = batch.step()
-        keep = []
+        keep, ended = [], []
         for i, seq in enumerate(batch.running):
             seq.length += 1
             if seq.handle.cancelled.is_set():
                 seq._end("cancelled")
-            elif not seq.advance(seq.next_token(logits[i])):
+            if seq.finish_reason or seq.advance(seq.next_token(logits[i])):
+                ended.append(seq)
+            else:
                 keep.append(i)
-        if len(keep) < len(batch.running):
+        if ended:
             batch.shrink(keep)
+        for seq in ended:
+            seq.handle._finish(seq.finish_reason)
 
     def _generate_alone(self, handle: Handle) -> None:
         """Beam search (and compiled decoding) through transformers' generate(), holding the model meanwhile."""

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from alpaca_cog import llamacpp
-from alpaca_cog.engine import Engine, Request, serving_engine
+from alpaca_cog.engine import Engine, Handle, Request, serving_engine
 from alpaca_cog.generate import GenerationParams
 from alpaca_cog.model import apply_adapter, load_model, load_tokenizer
 from alpaca_cog.prompts import encode_prompt
@@ -103,10 +103,19 @@ def test_requests_decoded_together_answer_as_alone_and_a_cancel_leaves_the_other
     assert [r.text for r in others] == [t for i, t in enumerate(alone) if i != 2]
 
 
-def test_llama_cpp_takes_what_its_cache_holds_and_transformers_the_rest(base_model, tokenizer, engine):
+def test_llama_cpp_takes_what_its_cache_holds_and_transformers_the_rest(base_model, tokenizer, engine, monkeypatch):
     """Two sequence ids and 256 cache cells: a third request, or one whose prompt and max_tokens do not fit beside
-    the others, is decoded by transformers' batch meanwhile (and answers the same)."""
+    the others, is decoded by transformers' batch meanwhile (and answers the same). A request finishes only once
+    its cells are free, so that the client's next request, sent on the answer, finds them."""
     small = Engine(base_model, tokenizer, max_batch=8, llama_cpp=llamacpp.LlamaCppBatch(engine.llama_cpp.path, context=256, max_batch=2))
+    held_at_finish, finish = [], Handle._finish
+
+    def finish_noting_the_cells(handle, *args):
+        if handle.result.backend == "llama.cpp":
+            held_at_finish.append((small.llama_cpp._reserved, len(small.llama_cpp.running)))
+        finish(handle, *args)
+
+    monkeypatch.setattr(Handle, "_finish", finish_noting_the_cells)
     try:
         ids = encode_prompt(tokenizer, "alpaca", PROMPTS[0])
         short = GenerationParams(temperature=0, max_tokens=16)
@@ -117,6 +126,7 @@ def test_llama_cpp_takes_what_its_cache_holds_and_transformers_the_rest(base_mod
         results = small.complete([Request(ids, short), Request(ids, long)])
         assert [r.backend for r in results] == ["llama.cpp", "transformers"]
         assert small.complete([Request(ids, long)])[0].backend == "llama.cpp"  # alone it fits
+        assert held_at_finish == [(0, 0)] * 4
     finally:
         small.close()
 
