@@ -109,6 +109,14 @@ def _dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tens
     return x if keep is None else x * keep / (1 - p)
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A dropout mask keeping each element with probability 1 - p' (p' = p to 1/65536, returned with it): 16-bit
+    lanes of random 64-bit words, a quarter of bernoulli_'s draws (0.8 ms against 2.8 for 965x576, 2-core EPYC)."""
+    dropped, size = round(p * 65536), shape.numel()
+    words = torch.empty((size + 3) // 4, dtype=torch.int64, device=device).random_(torch.iinfo(torch.int64).min, None)
+    return words.view(torch.int16)[:size].view(shape) >= dropped - 32768, dropped / 65536
+
+
 class RMSNorm(torch.nn.Module):
     """LlamaRMSNorm's weight and eps, computed by _RMSNorm."""
 
@@ -142,7 +150,7 @@ class LoraLinear(lora_layer.Linear):
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p else None
+        keep, p = keep_mask(x.shape, p, x.device) if p else (None, 0.0)
         result = self.base_layer(x)
         return (result + _LoRA.apply(x, a, b, self.scaling[adapter], keep, p)).to(result.dtype)
 

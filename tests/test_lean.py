@@ -78,7 +78,7 @@ def test_lora_dropout_drops_a_fraction_p_and_scales_the_rest():
     ratio = model(x) / x
     kept = ratio > 0
     torch.testing.assert_close(ratio[kept], torch.full_like(ratio[kept], 1 / 0.75))
-    assert abs((~kept).float().mean().item() - 0.25) < 0.02
+    assert all(abs((~kept).flatten()[lane::4].float().mean().item() - 0.25) < 0.02 for lane in range(4))  # each 16 bits of a draw
     torch.testing.assert_close(model.eval()(x), x)  # no dropout in eval mode
 
 
