@@ -52,27 +52,29 @@ class _SiLUMul(torch.autograd.Function):
 
 
 class _LoRA(torch.autograd.Function):
-    """(x * keep / (1 - p)) @ A.T @ B.T * scaling in A's dtype (fp32), keeping x as it came (bf16) and the keep mask."""
+    """(x * keep / (1 - p)) @ A.T @ B.T * scaling in A's dtype (fp32), keeping x as it came (bf16) and the keep mask.
+    The scalars multiply the rank-r products, the narrowest tensors."""
 
     @staticmethod
     def forward(ctx, x, a, b, scaling: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-        down = F.linear(_dropout(x.to(a.dtype), keep, p), a)  # as PEFT's lora_A and lora_B compute it
+        down = F.linear(_masked(x.to(a.dtype), keep), a) / (1 - p)  # as PEFT's lora_A(dropout(x))
         ctx.save_for_backward(x, a, b, down, keep)
         ctx.scaling, ctx.p = scaling, p
-        return F.linear(down, b) * scaling
+        return F.linear(down * scaling, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a, b, down, keep = ctx.saved_tensors
-        grad = grad.to(a.dtype) * ctx.scaling
-        grad_down = grad @ b
+        grad = grad.to(a.dtype)
+        grad_down = (grad @ b) * ctx.scaling
+        grad_masked = grad_down / (1 - ctx.p)  # the gradient of x * keep, before dropout's scale
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _dropout(grad_down @ a, keep, ctx.p).to(x.dtype)
+            grad_x = _masked(grad_masked @ a, keep).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = grad_down.reshape(-1, a.shape[0]).T @ _dropout(x.to(a.dtype), keep, ctx.p).reshape(-1, a.shape[1])
+            grad_a = grad_masked.reshape(-1, a.shape[0]).T @ _masked(x.to(a.dtype), keep).reshape(-1, a.shape[1])
         if ctx.needs_input_grad[2]:
-            grad_b = grad.reshape(-1, b.shape[0]).T @ down.reshape(-1, b.shape[1])
+            grad_b = grad.reshape(-1, b.shape[0]).T @ (down * ctx.scaling).reshape(-1, b.shape[1])
         return grad_x, grad_a, grad_b, None, None, None
 
 
@@ -102,8 +104,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return _CausalAttention.apply(q, k, v, scale)
 
 
-def _dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    return x if keep is None else x * keep / (1 - p)
+def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return x if keep is None else x * keep
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
