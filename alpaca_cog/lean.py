@@ -66,8 +66,7 @@ class _LoRA(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, a, b, down, keep = ctx.saved_tensors
         grad = grad.to(a.dtype)
-        grad_down = (grad @ b) * ctx.scaling
-        grad_masked = grad_down / (1 - ctx.p)  # the gradient of x * keep, before dropout's scale
+        grad_masked = (grad @ b) * (ctx.scaling / (1 - ctx.p))  # the gradient of x * keep: both scalars at once
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _masked(grad_masked @ a, keep).to(x.dtype)
